@@ -1,0 +1,1 @@
+"""Turn image collections (ImageNet, any ImageFolder) into WebDataset shards with a manifest."""

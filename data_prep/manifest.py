@@ -1,0 +1,58 @@
+"""The manifest `OUT/{split}.json` that lg-shard writes next to the shards and every reader trusts."""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pretrain.errors import UserError
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name, relative to the manifest's folder
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    split: str
+    classes: list
+    num_samples: int
+    shards: list  # [ShardInfo]
+    skipped: list = field(default_factory=list)  # [{"path", "reason"}]
+    fingerprint: str = ""  # identifies the lg-shard invocation that wrote the shards
+    root: Path = field(default=Path("."), compare=False, repr=False)
+
+    @property
+    def urls(self):
+        return [str(self.root / shard.name) for shard in self.shards]
+
+    @classmethod
+    def load(cls, path):
+        """Read a manifest (a path to the .json, or to OUT plus the split as OUT/split.json)."""
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+            record["shards"] = [ShardInfo(**shard) for shard in record["shards"]]
+            manifest = cls(**record)
+        except FileNotFoundError:
+            raise UserError(f"manifest {path} does not exist (lg-shard writes it when sharding completes)") from None
+        except (ValueError, TypeError, KeyError) as error:
+            raise UserError(f"{path} is not an lg-shard manifest ({error})") from None
+        manifest.root = path.parent
+        return manifest
+
+    def save(self, path):
+        """Write atomically: readers never see half a manifest."""
+        record = asdict(self)
+        record.pop("root")
+        write_json_atomic(path, record)
+
+
+def write_json_atomic(path, record):
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(temporary, path)

@@ -1,0 +1,105 @@
+"""lg-verify: re-read every shard of a split and check it against its manifest.
+
+    lg-verify OUT --split train [--workers W]
+
+Checks each shard's size, SHA-256 and sample count, decodes every image fully, and checks that labels
+lie in the class list and agree with each sample's json. Prints one line per problem; exit code 1 if
+there is any.
+"""
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_prep.images import decode_rgb
+from data_prep.manifest import Manifest
+from data_prep.shard import SPLITS
+from pretrain.errors import cli_entry
+
+MEMBERS = ("jpg", "cls", "json")
+
+
+def verify_shard(path, expected, classes):
+    """Problems of one shard (a list of strings), and how many images were decoded."""
+    name = Path(path).name
+    if not os.path.isfile(path):
+        return [f"{name}: missing"], 0
+    problems = []
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if os.path.getsize(path) != expected.bytes:
+        problems.append(f"{name}: {os.path.getsize(path)} bytes, manifest says {expected.bytes}")
+    if digest.hexdigest() != expected.sha256:
+        problems.append(f"{name}: SHA-256 differs from the manifest (the file changed after sharding)")
+
+    def note_read_error(error):
+        problems.append(f"{name}: unreadable tar data: {error}")
+        return False  # stop reading this shard
+
+    count = 0
+    for sample in wds.tarfile_samples([{"url": str(path)}], handler=note_read_error):
+        count += 1
+        where = f"{name}:{sample['__key__']}"
+        missing = [m for m in MEMBERS if m not in sample]
+        if missing:
+            problems.append(f"{where}: no {', '.join(missing)} member")
+            continue
+        try:
+            decode_rgb(sample["jpg"])
+        except Exception as error:  # any decoder failure is a finding, not a crash
+            problems.append(f"{where}: image does not decode: {error}")
+        try:
+            label, meta = int(sample["cls"]), json.loads(sample["json"])
+            if not 0 <= label < len(classes) or meta.get("class") != classes[label]:
+                problems.append(f"{where}: label {label} does not match class {meta.get('class')!r}")
+        except (ValueError, TypeError) as error:
+            problems.append(f"{where}: bad cls/json member: {error}")
+    if count != expected.num_samples:
+        problems.append(f"{name}: {count} samples, manifest says {expected.num_samples}")
+    return problems, count
+
+
+def _verify_task(task):
+    return verify_shard(*task)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="lg-verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="the folder lg-shard wrote")
+    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    return parser.parse_args(argv)
+
+
+@cli_entry("lg-verify")
+def main(argv=None):
+    args = parse_args(argv)
+    manifest = Manifest.load(args.out / f"{args.split}.json")
+    tasks = [(url, shard, manifest.classes) for url, shard in zip(manifest.urls, manifest.shards)]
+    problems, total = [], 0
+    with multiprocessing.get_context("fork").Pool(max(1, min(args.workers, len(tasks)))) as pool:
+        bar = tqdm(total=manifest.num_samples, unit="img", unit_scale=True, desc="verifying", dynamic_ncols=True)
+        for shard_problems, count in pool.imap(_verify_task, tasks):
+            problems += shard_problems
+            total += count
+            bar.update(count)
+        bar.close()
+    for problem in problems:
+        print(problem)
+    if total != manifest.num_samples:
+        problems.append(f"{total} samples in the shards, manifest says {manifest.num_samples}")
+        print(problems[-1])
+    status = f"{len(problems)} problems" if problems else "OK"
+    print(f"{args.out / (args.split + '.json')}: {len(tasks)} shards, {total} samples: {status}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

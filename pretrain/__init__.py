@@ -1,0 +1,1 @@
+"""layergraft's training library: WebDataset loading, methods, the DeepSpeed engine, evaluation."""

@@ -1,0 +1,212 @@
+"""WebDataset loading: the shards of a manifest -> uint8 batches, deterministic and resumable.
+
+Each DataLoader worker runs one stream of webdataset stages:
+
+    shard urls -> wds.tarfile_to_samples -> wds.shuffle -> wds.batched (raw bytes) -> decode + view
+
+* **epoch** mode: the shard list is shuffled by (seed, epoch), identically on every rank; rank r takes
+  shards r, r+world, ... and worker w of it every num_workers-th of those. Every sample is read exactly
+  once per epoch across all ranks and workers. That needs a shard for every (rank, worker): with fewer
+  shards than world_size x num_workers the loader refuses up front (a reader without a shard would
+  leave its rank short of batches and hang the next collective). Shards of unequal size give ranks
+  unequal batch counts (`num_batches()` tells each rank its own), so epoch mode is for evaluation,
+  where results are gathered after the loop, not per step.
+* **resampled** mode (training): each worker draws shards with replacement (wds.ResampledShards)
+  seeded by (seed, epoch, rank, worker); an epoch is a fixed `steps_per_epoch` on every rank.
+
+Every random choice is seeded from (seed, epoch, rank, worker, batch, position), never from the
+process, and a batch always consumes exactly `batch_size` stream samples: a sample that does not decode
+is replaced by another view of the next good sample of the same batch and counted in the batch's
+`bad_samples`. So batch k of an epoch is a function of (seed, epoch, rank, k) alone, and a loader
+started at (epoch, step) yields exactly what an uninterrupted run would have from there: the
+DataLoader takes batches from its workers round-robin, so each worker skips its own share of the
+first `step` batches before decoding anything.
+
+Only the jpg/cls/json members of a sample are read; other members (a .pyd or .pickle, say) are never
+read, let alone unpickled.
+"""
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import random
+from functools import partial
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep.images import decode_rgb
+from data_prep.manifest import Manifest
+from pretrain.errors import UserError
+from pretrain.views import make_view
+
+log = logging.getLogger(__name__)
+MEMBERS = (".jpg", ".cls", ".json")
+MODES = ("epoch", "resampled")
+
+
+def mix_seed(*values):
+    """A well-mixed 63-bit seed from integers (webdataset's make_seed collides for (1, 0) and (0, 31))."""
+    data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def _wanted_member(name):
+    return name.endswith(MEMBERS)
+
+
+def round_robin_order(batches_per_worker):
+    """The worker of each batch, in the order a DataLoader yields them: it asks its workers in turn
+    and passes over the ones that are exhausted."""
+    rounds = max(batches_per_worker, default=0)
+    return [w for r in range(rounds) for w, count in enumerate(batches_per_worker) if r < count]
+
+
+def resume_plan(batches_per_worker, start_step):
+    """(batches each worker skips, the worker that yields batch `start_step`) for a start mid-epoch."""
+    order = round_robin_order(batches_per_worker)
+    skips = [order[:start_step].count(w) for w in range(len(batches_per_worker))]
+    return skips, order[start_step] if start_step < len(order) else 0
+
+
+class ShardStream(IterableDataset):
+    """One epoch of one rank's batches; each DataLoader worker runs its own part (see module doc)."""
+
+    def __init__(self, loader, epoch, start_step):
+        self.loader, self.epoch, self.start_step = loader, epoch, start_step
+
+    def __iter__(self):
+        info = get_worker_info()
+        loader, seed, rank = self.loader, self.loader.seed, self.loader.rank
+        counts = loader.worker_batches(self.epoch)
+        skips, first_worker = resume_plan(counts, self.start_step)
+        # A fresh DataLoader starts with its worker 0, so worker 0 plays the part of the worker whose
+        # batch comes next in the uninterrupted order, worker 1 the one after it, and so on.
+        worker = ((info.id if info is not None else 0) + first_worker) % loader.readers_per_rank
+        if loader.mode == "epoch":
+            shards = iter([dict(url=url) for url in loader.worker_shards(self.epoch)[worker]])
+        else:
+            shards = wds.ResampledShards(loader.manifest.urls, seed=mix_seed(seed, self.epoch, rank, worker),
+                                         worker_seed=lambda: 0, deterministic=True)
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=_wanted_member)(shards)
+        samples = wds.shuffle(loader.shuffle_buffer, loader.shuffle_buffer,
+                              seed=mix_seed(seed, self.epoch, rank, worker, 1))(samples)
+        raw_batches = wds.batched(loader.batch_size, collation_fn=None, partial=True)(samples)
+        # Outside a worker the per-sample seeding must not disturb the caller's generator.
+        guard = contextlib.nullcontext if info is not None else partial(torch.random.fork_rng, devices=[])
+        for index, raw_batch in islice(enumerate(raw_batches), skips[worker], counts[worker]):
+            with guard():
+                yield loader.make_batch(raw_batch, (seed, self.epoch, rank, worker, index))
+
+
+class ShardLoader:
+    """Batches of one split for one rank. `epoch(e, start_step)` iterates one epoch.
+
+    A batch is a dict: "images" (uint8 NCHW tensor, or a list of them for multi-view methods; convert
+    with `pretrain.views.normalize` on the device), "labels", "keys" (the samples' shard keys) and
+    "bad_samples" (samples of this batch that did not decode and were replaced).
+    """
+
+    def __init__(self, manifest, batch_size, view="eval", img_size=224, mode="epoch", num_workers=2, seed=0,
+                 rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False):
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+            raise ValueError("batch_size and shuffle_buffer must be positive and num_workers non-negative")
+        if rank is None or world_size is None:
+            initialized = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if initialized else 0
+            world_size = dist.get_world_size() if initialized else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.batch_size, self.mode, self.num_workers, self.seed = batch_size, mode, num_workers, seed
+        self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = rank, world_size, shuffle_buffer, pin_memory
+        self.view = make_view(view, img_size)
+        self.readers_per_rank = max(1, num_workers)
+        self.bad_samples = 0
+        self._check_shards()
+        global_batch = batch_size * world_size
+        self.steps_per_epoch = steps_per_epoch or max(1, self.manifest.num_samples // global_batch)
+
+    def _check_shards(self):
+        num_shards, readers = len(self.manifest.shards), self.world_size * self.readers_per_rank
+        if num_shards == 0:
+            raise UserError(f"manifest of split {self.manifest.split!r} in {self.manifest.root} lists no shards")
+        missing = [url for url in self.manifest.urls if not os.path.isfile(url)]
+        if missing:
+            raise UserError(f"shard {missing[0]} is missing ({len(missing)} of {num_shards} are)")
+        if self.mode == "epoch" and num_shards < readers:
+            most = num_shards // self.world_size
+            fix = f"use num_workers <= {most}" if most else "use fewer ranks"
+            raise UserError(
+                f"{num_shards} shards cannot feed world size {self.world_size} x {self.readers_per_rank} "
+                f"workers = {readers} readers in epoch mode: a reader without a shard would leave its rank "
+                f"short of batches and hang the next collective; {fix}, or re-shard with a smaller "
+                "--max-per-shard (or use resampled mode)")
+
+    def worker_shards(self, epoch):
+        """Epoch mode: the shard urls each worker of this rank reads in `epoch`."""
+        urls = list(self.manifest.urls)
+        random.Random(mix_seed(self.seed, epoch)).shuffle(urls)
+        mine = urls[self.rank::self.world_size]
+        return [mine[w::self.readers_per_rank] for w in range(self.readers_per_rank)]
+
+    def worker_batches(self, epoch):
+        """How many batches each worker of this rank yields in `epoch`."""
+        if self.mode == "resampled":
+            workers = self.readers_per_rank
+            return [max(0, math.ceil((self.steps_per_epoch - w) / workers)) for w in range(workers)]
+        size = {url: shard.num_samples for url, shard in zip(self.manifest.urls, self.manifest.shards)}
+        return [math.ceil(sum(size[url] for url in urls) / self.batch_size) for urls in self.worker_shards(epoch)]
+
+    def num_batches(self, epoch=0):
+        """Batches this rank yields in `epoch` (from step 0)."""
+        return sum(self.worker_batches(epoch))
+
+    def make_batch(self, raw_batch, seed_base):
+        """Decode and augment a list of raw samples; replace the ones that fail (see module doc)."""
+        decoded = []
+        for sample in raw_batch:
+            try:
+                decoded.append((decode_rgb(sample["jpg"]), int(sample["cls"])))
+            except Exception as error:  # a corrupt sample must not stop training
+                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+                decoded.append(None)
+        good = [i for i, item in enumerate(decoded) if item is not None]
+        if not good:
+            urls = sorted({sample.get("__url__") for sample in raw_batch})
+            raise RuntimeError(f"no sample of a batch decodes (shards {', '.join(map(str, urls))}); run lg-verify")
+        views, labels = [], []
+        for position, item in enumerate(decoded):
+            image, label = item or decoded[next((i for i in good if i > position), good[0])]
+            torch.manual_seed(mix_seed(*seed_base, position))
+            views.append(self.view(image))
+            labels.append(label)
+        if isinstance(views[0], torch.Tensor):
+            images = torch.stack(views)
+        else:
+            images = [torch.stack(group) for group in zip(*views)]
+        return {"images": images, "labels": torch.tensor(labels), "keys": [s["__key__"] for s in raw_batch],
+                "bad_samples": len(raw_batch) - len(good)}
+
+    def epoch(self, epoch, start_step=0):
+        """Iterate the batches of `epoch` from `start_step` on."""
+        stream = ShardStream(self, epoch, start_step)
+        if self.num_workers == 0:
+            batches = iter(stream)
+        else:
+            batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory))
+        for batch in batches:
+            self.bad_samples += batch["bad_samples"]
+            yield batch
+
+
+def make_loader(manifest, batch_size, **options):
+    """A `ShardLoader` for a manifest (a path or a `Manifest`); see `ShardLoader` for the options."""
+    return ShardLoader(manifest, batch_size, **options)

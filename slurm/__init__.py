@@ -1,0 +1,1 @@
+"""Launching layergraft jobs on Slurm clusters with submitit."""
