@@ -45,6 +45,11 @@ class ShardPlan:
     samples: list  # [(key, SourceImage)]
 
 
+def _tar_bytes(image_bytes):
+    """Archive bytes of a sample: three headers, the image rounded up to blocks, one block each for cls and json."""
+    return 5 * TAR_BLOCK + -(-image_bytes // TAR_BLOCK) * TAR_BLOCK
+
+
 def plan_shards(images, split, seed, max_per_shard=None, max_bytes=None, src=None):
     """Shuffle `images` with `seed` and cut the list into shards by count or by source bytes."""
     images = sorted(images, key=lambda image: image.path)
@@ -56,7 +61,7 @@ def plan_shards(images, split, seed, max_per_shard=None, max_bytes=None, src=Non
     else:
         size = 0
         for item in keyed:
-            item_bytes = os.path.getsize(Path(src) / item[1].path) + 4 * TAR_BLOCK  # headers and padding
+            item_bytes = _tar_bytes(os.path.getsize(Path(src) / item[1].path))
             if not groups or size + item_bytes > max_bytes:
                 groups.append([])
                 size = 0

@@ -1,0 +1,62 @@
+"""Shared fixtures: the embedded demo data set, its shards, and helpers that write odd images."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.demo_data import write_demo_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(module, *args, timeout=300, **kwargs):
+    """Run `python -m module args...` as a real process; return the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+def jpeg_bytes(size=(40, 30), mode="RGB", seed=0, fmt="JPEG"):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "CMYK": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt, quality=90)
+    return out.getvalue()
+
+
+def write_file(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def read_manifest(out, split):
+    return json.loads((Path(out) / f"{split}.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """The demo ImageFolder (train/ and val/ of 10 digit classes)."""
+    root = tmp_path_factory.mktemp("demo") / "digits"
+    write_demo_data(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_images, tmp_path_factory):
+    """The demo data sharded with 50 images per shard (29 train shards, 8 val shards)."""
+    out = tmp_path_factory.mktemp("demo_shards")
+    for split in ("train", "val"):
+        result = run_cli("data_prep.shard", demo_images, out, "--split", split, "--layout", "imagefolder",
+                         "--max-per-shard", 50, "--workers", 2)
+        assert result.returncode == 0, result.stderr
+    return out

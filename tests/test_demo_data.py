@@ -1,0 +1,44 @@
+"""The embedded data set and the commands around it."""
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, run_cli, write_file
+
+
+def test_demo_data_is_a_32px_rgb_imagefolder_of_all_digits(demo_images):
+    files = {split: sorted((demo_images / split).rglob("*.jpg")) for split in ("train", "val")}
+    assert (len(files["train"]), len(files["val"])) == (1438, 359)
+    assert sorted(p.name for p in (demo_images / "val").iterdir()) == [str(d) for d in range(10)]
+    assert not {p.name for p in files["train"]} & {p.name for p in files["val"]}
+    with Image.open(files["val"][0]) as image:
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
+
+
+def test_demo_data_command_is_idempotent_and_refuses_foreign_folders(demo_images, tmp_path):
+    again = run_cli("data_prep.demo_data", demo_images)
+    assert again.returncode == 0 and "already holds" in again.stdout
+    write_file(tmp_path / "busy" / "thesis.tex", b"\\documentclass{article}")
+    refused = run_cli("data_prep.demo_data", tmp_path / "busy")
+    assert refused.returncode == 2 and "is not the demo data set" in refused.stderr
+
+
+@pytest.mark.parametrize("module", ["data_prep.shard", "data_prep.verify", "data_prep.demo_data", "pretrain.demo"])
+def test_every_command_has_help(module):
+    result = run_cli(module, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_console_scripts_are_declared():
+    setup = (REPO / "setup.cfg").read_text()
+    for script in ("lg-shard = data_prep.shard:main", "lg-verify = data_prep.verify:main",
+                   "lg-demo-data = data_prep.demo_data:main", "lg-demo = pretrain.demo:main"):
+        assert script in setup
+
+
+def test_demo_runs_end_to_end_and_again(tmp_path):
+    first = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "train resampled view=mae  22 batches, 1408 samples" in first.stdout
+    assert "val   epoch     view=eval 7 batches, 359 samples" in first.stdout
+    second = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=600)
+    assert second.returncode == 0 and "already complete" in second.stdout
