@@ -66,8 +66,3 @@ def to_rgb_jpeg(data, quality=JPEG_QUALITY):
         image.convert("RGB").save(out, format="JPEG", quality=quality)
         return out.getvalue()
 
-
-def decode_rgb(data):
-    """Fully decode an encoded image to an RGB PIL image (raises on a bad image)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data_prep.images import inspect_image, to_rgb_jpeg
 from data_prep.manifest import Manifest, ShardInfo, write_json_atomic
 from data_prep.sources import find_split
-from data_prep.tar_writer import TAR_BLOCK, ShardTarWriter
+from data_prep.shard_tar import TAR_BLOCK, ShardTarWriter
 from pretrain.errors import UserError, cli_entry
 
 log = logging.getLogger("lg-shard")

@@ -2,7 +2,8 @@
 
     lg-verify OUT --split train [--workers W]
 
-Checks each shard's size, SHA-256 and sample count, decodes every image fully, and checks that labels
+Checks each shard's size, SHA-256 and sample count, decodes every image fully with the training
+loader's decoder, and checks that labels
 lie in the class list and agree with each sample's json. Prints one line per problem; exit code 1 if
 there is any.
 """
@@ -16,10 +17,10 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.images import decode_rgb
 from data_prep.manifest import Manifest
 from data_prep.shard import SPLITS
 from pretrain.errors import cli_entry
+from pretrain.views import decode_image
 
 MEMBERS = ("jpg", "cls", "json")
 
@@ -52,7 +53,7 @@ def verify_shard(path, expected, classes):
             problems.append(f"{where}: no {', '.join(missing)} member")
             continue
         try:
-            decode_rgb(sample["jpg"])
+            decode_image(sample["jpg"])
         except Exception as error:  # any decoder failure is a finding, not a crash
             problems.append(f"{where}: image does not decode: {error}")
         try:

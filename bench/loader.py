@@ -1,0 +1,157 @@
+"""Loader throughput: our WebDataset loader vs the decode+augment ceiling vs torchvision ImageFolder.
+
+    python -m bench.loader [--images 3000] [--workers 2] [--batch-size 64] [--repeats 3]
+
+All contenders read the same full-size JPEGs (bench/photos.py), from the page cache, with the MAE
+augmentation at 224 px (RandomResizedCrop(0.2-1, bicubic) + flip) and the same number of processes:
+  (a)  ceiling: our decode + augment (torchvision decoder, v2 transforms on uint8 tensors) in a plain
+       loop split over `workers` processes; no DataLoader, no batching, nothing sent between processes;
+  (b)  ours: lg-shard's tars through pretrain.data (epoch mode), uint8 batches as the trainer gets
+       them (it normalizes on its accelerator);
+  (b') ours, plus converting every batch to normalized float32 on this CPU in the consumer process;
+  (c)  torchvision ImageFolder + DataLoader(shuffle) as usually written: PIL decoding, PIL
+       augmentation, ToTensor and Normalize in the workers (float32 batches);
+  (c') ImageFolder + DataLoader with our decoder and uint8 view: the same transforms as (a) and (b),
+       which separates the container (tar shards vs files) from the rest.
+Throughput is counted from the first batch on (steady state, what an epoch of ImageNet sees); the
+time to the first batch is reported beside it, as it is a fixed cost per epoch (ours fills a
+1,000-sample shuffle buffer per worker first). The ceiling starts its processes before the clock.
+Prints a table and a JSON line; medians over the repeats, which are interleaved so that noise on the
+machine hits every contender alike.
+"""
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
+
+from bench.photos import cpu_count, make_photos, warm_page_cache
+from pretrain.data import make_loader
+from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, decode_image, make_view, normalize
+
+IMG = 224
+CONTENDERS = {
+    "ceiling": "(a)  decode+augment ceiling",
+    "ours": "(b)  layergraft, uint8 batches",
+    "ours_normalized": "(b') layergraft + float32 on this CPU",
+    "imagefolder": "(c)  ImageFolder, PIL + float32",
+    "imagefolder_uint8": "(c') ImageFolder, our decode + view",
+}
+
+
+def _ceiling_part(files):
+    torch.set_num_threads(1)
+    view = make_view("mae", IMG)
+    for path in files:
+        view(decode_image(Path(path).read_bytes()))
+    return len(files)
+
+
+def ceiling(files, workers, batch_size, shards):
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(abs, range(workers))  # start the processes before the clock
+        started = time.perf_counter()
+        done = sum(pool.map(_ceiling_part, [files[w::workers] for w in range(workers)]))
+        return done / (time.perf_counter() - started), 0.0
+
+
+def timed(batches, count, convert=False):
+    """(img/s after the first batch, seconds to the first batch) of iterating `batches`."""
+    started = time.perf_counter()
+    first_batch_at, after_first = None, 0
+    for batch in batches:
+        if convert:
+            normalize(batch["images"])
+        if first_batch_at is None:
+            first_batch_at = time.perf_counter()
+        else:
+            after_first += count(batch)
+    return after_first / (time.perf_counter() - first_batch_at), first_batch_at - started
+
+
+def ours(files, workers, batch_size, shards, convert=False):
+    loader = make_loader(shards / "train.json", batch_size, view="mae", img_size=IMG, mode="epoch",
+                         num_workers=workers, rank=0, world_size=1)
+    return timed(loader.epoch(0), lambda batch: len(batch["labels"]), convert)
+
+
+def imagefolder(files, workers, batch_size, shards, uint8=False):
+    options = {}
+    if uint8:
+        transform = make_view("mae", IMG)
+        options["loader"] = lambda path: decode_image(Path(path).read_bytes())
+    else:
+        transform = T.Compose([T.RandomResizedCrop(IMG, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                               T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    root = Path(files[0]).parents[1]
+    loader = DataLoader(datasets.ImageFolder(root, transform, **options), batch_size=batch_size, shuffle=True,
+                        num_workers=workers)
+    return timed(loader, lambda batch: len(batch[1]))
+
+
+RUNNERS = {
+    "ceiling": ceiling,
+    "ours": ours,
+    "ours_normalized": lambda *args: ours(*args, convert=True),
+    "imagefolder": imagefolder,
+    "imagefolder_uint8": lambda *args: imagefolder(*args, uint8=True),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=cpu_count())
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args()
+    photos, shards = args.data / f"photos{args.images}", args.data / f"photos{args.images}_shards"
+    files = make_photos(photos, args.images)
+    if not (shards / "train.json").exists():
+        subprocess.run([sys.executable, "-m", "data_prep.shard", str(photos), str(shards), "--split", "train",
+                        "--layout", "imagefolder", "--max-per-shard", "100"], check=True, capture_output=True)
+    megabytes = warm_page_cache(files) / 1e6
+    warm_page_cache(shards.glob("*.tar"))
+
+    runs, startup = {name: [] for name in CONTENDERS}, {name: [] for name in CONTENDERS}
+    for _ in range(args.repeats):
+        for name, run in RUNNERS.items():
+            rate, first_batch = run(files, args.workers, args.batch_size, shards)
+            runs[name].append(rate)
+            startup[name].append(first_batch)
+    median = {name: statistics.median(values) for name, values in runs.items()}
+    first_batch = {name: statistics.median(values) for name, values in startup.items()}
+    result = {
+        "bench": "loader", "images": len(files), "megabytes": round(megabytes, 1), "workers": args.workers,
+        "batch_size": args.batch_size, "img_size": IMG, "machine": f"{platform.machine()} {cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "img_per_s": {k: round(v, 1) for k, v in median.items()},
+        "runs": {k: [round(v, 1) for v in values] for k, values in runs.items()},
+        "first_batch_s": {k: round(v, 3) for k, v in first_batch.items()},
+        "ours_vs_imagefolder": round(median["ours"] / median["imagefolder"], 3),
+        "ours_vs_ceiling": round(median["ours"] / median["ceiling"], 3),
+        "ours_normalized_vs_imagefolder": round(median["ours_normalized"] / median["imagefolder"], 3),
+        "targets": {"ours_vs_imagefolder": 1.3, "ours_vs_ceiling": 0.9},
+    }
+    print(f"{'loader':<40}{'img/s':>8}{'x ceiling':>11}{'1st batch':>11}   runs")
+    for name, label in CONTENDERS.items():
+        runs_text = ", ".join(f"{v:.0f}" for v in runs[name])
+        print(f"{label:<40}{median[name]:>8.0f}{median[name] / median['ceiling']:>11.2f}"
+              f"{first_batch[name]:>10.2f}s   {runs_text}")
+    print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (target >= 1.3), "
+          f"ours / ceiling = {result['ours_vs_ceiling']:.2f}x (target >= 0.9)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

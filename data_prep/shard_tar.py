@@ -1,0 +1,129 @@
+"""Writing and reading lg-shard's tar shards: plain POSIX ustar archives in WebDataset layout.
+
+Both sides are ~4x cheaper per sample than the tarfile-based code in webdataset (bench/shard.py,
+bench/loader.py); the files stay standard tars that tar(1), tarfile and webdataset read.
+"""
+import hashlib
+import os
+import tarfile
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # what tar(1) and tarfile pad an archive to
+REGULAR_FILE = (b"0", b"\0")
+
+
+class ShardTarWriter:
+    """Write samples (`{"__key__": k, ext: bytes, ...}`) as `k.ext` members of a POSIX ustar archive.
+
+    The member layout is webdataset's TarWriter's (members of a sample sorted by extension, fixed
+    owner and mode, fixed mtime so that equal input gives byte-identical shards) and webdataset reads
+    the result like any shard. It differs in speed: each header comes from `tarfile.TarInfo.tobuf`
+    and each payload is written straight to the file, where webdataset's writer copies every member
+    through tarfile's stream layer and PAX header code, about 3x slower per sample (bench/shard.py).
+    The SHA-256 and size of the archive are computed while writing.
+    """
+
+    def __init__(self, path, mtime=0):
+        self.file = open(path, "wb")
+        self.mtime = mtime
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, sample):
+        key = sample["__key__"]
+        for extension in sorted(k for k in sample if not k.startswith("_")):
+            self._add_member(f"{key}.{extension}", sample[extension])
+
+    def _add_member(self, name, data):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), self.mtime, 0o444
+        info.uname = info.gname = "bigdata"
+        self._emit(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+        self._emit(data)
+        if len(data) % TAR_BLOCK:
+            self._emit(bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
+
+    def _emit(self, data):
+        self.sha256.update(data)
+        self.file.write(data)
+        self.bytes += len(data)
+
+    def close(self):
+        end = 2 * TAR_BLOCK
+        end += -(self.bytes + end) % TAR_RECORD
+        self._emit(bytes(end))
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self.file.close()
+
+
+def _header_field(header, start, end):
+    return header[start:end].split(b"\0", 1)[0]
+
+
+def _pax_records(data):
+    """The key=value records of a PAX extended header ("LEN key=value\\n" each)."""
+    records, position = {}, 0
+    while position < len(data) and data[position:position + 1] != b"\0":
+        length = int(data[position:data.index(b" ", position)])
+        key, _, value = data[data.index(b" ", position) + 1:position + length - 1].partition(b"=")
+        records[key.decode()] = value.decode()
+        position += length
+    return records
+
+
+def read_shard(path, select=None):
+    """Yield the samples of an uncompressed tar shard as webdataset does: consecutive members
+    `key.ext` grouped into `{"__key__": key, "__url__": path, ext: bytes, ...}`.
+
+    Members that `select(name)` rejects are skipped without being read. PAX and GNU long-name headers
+    (which webdataset's writer emits) are understood. A corrupt header or a truncated file (one that
+    ends before the archive's end marker) raises `tarfile.ReadError` after the complete samples.
+    """
+    sample, override = None, {}
+    with open(path, "rb", buffering=1 << 16) as f:
+        while (header := f.read(TAR_BLOCK)).count(0) != TAR_BLOCK:  # a zero block ends the archive
+            offset = f.tell() - len(header)
+            if len(header) < TAR_BLOCK:
+                raise tarfile.ReadError(f"{path}: truncated at byte {offset} (no end-of-archive marker)")
+            checksum = int(_header_field(header, 148, 156).strip() or b"-1", 8)
+            if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                raise tarfile.ReadError(f"{path}: bad tar header checksum at byte {offset}")
+            prefix = _header_field(header, 345, 500).decode()
+            name = _header_field(header, 0, 100).decode()
+            name = override.get("path", f"{prefix}/{name}" if prefix else name)
+            size = int(override["size"]) if "size" in override else int(_header_field(header, 124, 136) or b"0", 8)
+            override = {}
+            padded = size + -size % TAR_BLOCK
+            kind = header[156:157]
+            wanted = kind in REGULAR_FILE and "." in name.rpartition("/")[2] and (select is None or select(name))
+            if not (wanted or kind in (b"x", b"L")):
+                f.seek(padded, os.SEEK_CUR)
+                continue
+            data = f.read(size)
+            if len(data) != size:
+                raise tarfile.ReadError(f"{path}: truncated member {name}")
+            f.seek(padded - size, os.SEEK_CUR)
+            if kind == b"x":  # PAX header: overrides for the next member
+                override = _pax_records(data)
+                continue
+            if kind == b"L":  # GNU long name of the next member
+                override = {"path": data.rstrip(b"\0").decode()}
+                continue
+            directory, _, base = name.rpartition("/")
+            stem, _, extension = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": str(path)}
+            sample[extension.lower()] = data
+    if sample is not None:
+        yield sample
