@@ -87,7 +87,8 @@ def write_shard(src, out, progress, plan, reencode, full_decode, run_fingerprint
     with ShardTarWriter(temporary) as writer:
         for key, image in plan.samples:
             try:
-                data = (Path(src) / image.path).read_bytes()
+                with open(os.path.join(src, image.path), "rb") as f:
+                    data = f.read()
             except OSError as error:
                 skipped.append({"path": image.path, "reason": f"unreadable: {error.strerror}"})
                 continue

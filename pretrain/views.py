@@ -42,7 +42,7 @@ def decode_image(data):
         except RuntimeError:
             pass
     with Image.open(io.BytesIO(data)) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def eval_view(img_size):

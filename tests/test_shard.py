@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from data_prep.images import inspect_image
+from data_prep.images import inspect_image, jpeg_structure
 from tests.conftest import REPO, jpeg_bytes, read_manifest, run_cli, write_file
 
 
@@ -154,7 +154,15 @@ def truncated_with_exif_thumbnail():
 
 def test_inspect_image_needs_the_image_own_end_marker():
     assert inspect_image(jpeg_bytes()) == (None, False)
-    assert inspect_image(truncated_with_exif_thumbnail())[0].startswith("truncated JPEG")
+    assert jpeg_structure(truncated_with_exif_thumbnail()) == (3, False)
+    assert "truncated" in inspect_image(truncated_with_exif_thumbnail())[0]
+
+
+@pytest.mark.parametrize("mode, needs_conversion", [("RGB", False), ("L", True), ("CMYK", True)])
+def test_structure_check_agrees_with_a_full_decode(mode, needs_conversion):
+    data = jpeg_bytes(mode=mode)
+    assert jpeg_structure(data) == ({"RGB": 3, "L": 1, "CMYK": 4}[mode], True)
+    assert inspect_image(data) == inspect_image(data, full_decode=True) == (None, needs_conversion)
 
 
 def test_bad_files_are_skipped_and_odd_images_kept(tmp_path):

@@ -14,7 +14,7 @@ from tests.conftest import jpeg_bytes
                                        ("RGB", "BMP"), ("RGB", "TIFF")])
 def test_decode_gives_the_pixels_pil_gives(mode, fmt):
     data = jpeg_bytes(mode=mode, fmt=fmt)
-    expected = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+    expected = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
     decoded = decode_image(data)
     assert decoded.dtype == torch.uint8 and torch.equal(decoded, expected)
 
