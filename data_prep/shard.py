@@ -218,6 +218,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     out, split = args.out, args.split
+    if not args.src.is_dir():
+        raise UserError(f"source folder {args.src} does not exist")
     _check_out(out, split)
     log.info("listing %s images under %s", split, args.src)
     source = find_split(args.src, split, args.layout, classes=_classes_of_other_split(out, split),

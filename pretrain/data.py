@@ -17,6 +17,9 @@ ustar shards, at a fifth of its CPU per sample; that is ~6 % of a worker's time 
 * **resampled** mode (training): each worker draws shards with replacement (wds.ResampledShards)
   seeded by (seed, epoch, rank, worker); an epoch is a fixed `steps_per_epoch` on every rank.
 
+In both modes each worker is told up front how many batches it yields, so the epoch length is exact
+(webdataset's `with_epoch` on the dataset counts per worker and multiplies an epoch by num_workers).
+
 Every random choice is seeded from (seed, epoch, rank, worker, batch, position), never from the
 process, and a batch always consumes exactly `batch_size` stream samples: a sample that does not decode
 is replaced by another view of the next good sample of the same batch and counted in the batch's

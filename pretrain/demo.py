@@ -19,7 +19,7 @@ IMG_SIZE = 32
 
 
 def read_back(manifest, batch_size, **options):
-    """Iterate one epoch; return (batches, samples, label histogram, bad samples, seconds)."""
+    """Iterate one epoch; return (batches, samples, label histogram, bad samples, image shapes, seconds)."""
     loader = make_loader(manifest, batch_size, img_size=IMG_SIZE, **options)
     started, samples, labels, shapes = time.perf_counter(), 0, collections.Counter(), set()
     for batch in loader.epoch(0):
