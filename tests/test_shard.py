@@ -212,6 +212,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case):
         expected = "no class folders"
     result = shard(src, out, "--split", "train", "--layout", "imagefolder")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    if case == "missing_src":
+        assert not out.exists(), "a failed run must not leave an empty OUT behind"
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("lg-shard: error: ") and expected in last_line, result.stderr
 
