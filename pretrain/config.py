@@ -1,0 +1,200 @@
+"""The one home of every training setting: dataclasses, filled from YAML plus `a.b=value` overrides.
+
+Unknown keys and values of the wrong type are a `UserError` naming the key (and the file) before any
+work starts; `Config.validate` checks the ranges.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pretrain.errors import UserError
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
+METHODS = ("mae", "mocov3")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/pretrain"  # run directory: config, TensorBoard logs, checkpoints
+    seed: int = 0
+    log_every: int = 20  # steps between console lines and TensorBoard scalars
+    image_every: int = 500  # steps between MAE reconstruction grids
+    save_every: int = 1000  # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
+    keep_last: int = 3  # checkpoints kept
+    max_steps: int = 0  # stop after this many steps in total (0: run the whole schedule)
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/imagenet-wds/train.json"  # manifest written by lg-shard
+    img_size: int = 224
+    num_workers: int = 8
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base"
+    patch_size: int = 0  # 0: 16, or 14 for vit_huge
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False  # recompute each transformer block in the backward pass
+
+    @property
+    def patch(self):
+        return self.patch_size or (14 if self.arch == "vit_huge" else 16)
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class MoCoConfig:
+    temperature: float = 0.2
+    mlp_dim: int = 4096
+    out_dim: int = 256
+    momentum: float = 0.99  # start of the cosine schedule to 1
+    freeze_patch_embed: bool = True  # MoCo v3's stability trick: a fixed random patch projection
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr x global batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.95])
+    epochs: float = 800
+    warmup_epochs: float = 40
+    clip_grad: float = 0.0  # global gradient-norm clipping; 0 turns it off
+    layer_decay: float = 1.0  # lr_scale = layer_decay ** (depth + 1 - layer_id); 1.0: every layer alike
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero1.json"
+    precision: str = "bf16"
+    micro_batch_size: int = 64  # per process
+    grad_accum: int = 1
+
+
+@dataclass
+class Config:
+    method: str = "mae"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self):
+        checks = [
+            (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
+            (self.model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}"),
+            (self.deepspeed.precision in PRECISIONS, "deepspeed.precision", f"one of {', '.join(PRECISIONS)}"),
+            (0 < self.mae.mask_ratio < 1, "mae.mask_ratio", "between 0 and 1"),
+            (0 <= self.model.drop_path < 1, "model.drop_path", "in [0, 1)"),
+            (self.optim.base_lr > 0 and self.optim.min_lr >= 0, "optim.base_lr", "positive (min_lr >= 0)"),
+            (0 <= self.optim.warmup_epochs <= self.optim.epochs and self.optim.epochs > 0, "optim.warmup_epochs",
+             "between 0 and optim.epochs (> 0)"),
+            (len(self.optim.betas) == 2, "optim.betas", "two numbers"),
+            (0 < self.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1]"),
+            (0 <= self.moco.momentum < 1, "moco.momentum", "in [0, 1)"),
+            (self.moco.temperature > 0, "moco.temperature", "positive"),
+            (self.data.img_size % self.model.patch == 0, "data.img_size", f"a multiple of the patch size"
+             f" {self.model.patch}"),
+        ]
+        positive = ["run.log_every", "run.save_every", "run.keep_last", "data.img_size", "deepspeed.micro_batch_size",
+                    "deepspeed.grad_accum", "data.shuffle_buffer", "mae.decoder_dim", "mae.decoder_heads",
+                    "moco.mlp_dim", "moco.out_dim"]
+        checks += [(get_key(self, key) > 0, key, "positive") for key in positive]
+        for ok, key, expected in checks:
+            if not ok:
+                raise UserError(f"config key {key} = {get_key(self, key)!r} must be {expected}")
+        return self
+
+
+def get_key(config, dotted):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _coerce(value, kind, key):
+    """Check `value` against the field type `kind`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(kind)
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {key} must be a list, not {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_coerce(v, item, key) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # run.dir=2024 on the command line
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"config key {key} must be {kind.__name__}, not {value!r}")
+    return value
+
+
+def _merge(node, updates, prefix, source):
+    """Set the fields of dataclass `node` from the nested dict `updates`."""
+    if not isinstance(updates, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping, not {updates!r}")
+    hints = typing.get_type_hints(type(node))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(node))
+            raise UserError(f"{source}: unknown config key {key} (known here: {known})")
+        if dataclasses.is_dataclass(hints[name]):
+            _merge(getattr(node, name), value, f"{key}.", source)
+        else:
+            setattr(node, name, _coerce(value, hints[name], key))
+
+
+def parse_override(text):
+    """`a.b=value` -> {"a": {"b": value}}, the value read as YAML (so 3, 1e-4, true, [0.9, 0.95] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {text!r} is not of the form key=value")
+    nested = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path=None, overrides=()):
+    """Defaults, then the YAML file, then each override in order; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"{path} is not valid YAML: {error}") from None
+        _merge(config, data, "", str(path))
+    for text in overrides:
+        _merge(config, parse_override(text), "", f"override {text!r}")
+    return config.validate()
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def dump_config(config):
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,221 @@
+"""The training loop: a DeepSpeed engine around an `Objective`, fed by the WebDataset loader.
+
+One optimizer step = `grad_accum` micro-batches per rank. Everything random in a step (masking, drop
+path) is seeded from (seed, rank, step), and the loader's batches are a function of (seed, epoch, rank,
+step), so a run resumed from a checkpoint continues exactly as it would have without the interruption.
+The optimizer is torch's AdamW (DeepSpeed's fused/CPU Adam differ by ~1e-6 after a resume) and the
+schedule a client LambdaLR, which keeps each group's lr_scale (DeepSpeed's WarmupLR sets every group
+to one learning rate).
+"""
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+
+from data_prep.manifest import Manifest
+from pretrain import checkpoint
+from pretrain.config import dump_config, to_dict
+from pretrain.data import make_loader, mix_seed
+from pretrain.distributed import rank, world_size
+from pretrain.errors import UserError
+from pretrain.methods import build_objective
+from pretrain.monitor import Monitor, memory_bytes
+from pretrain.param_groups import format_param_groups, objective_param_groups
+from pretrain.schedules import cosine_lr_factor
+from pretrain.views import normalize
+
+log = logging.getLogger("lg-pretrain")
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+        "min_loss_scale": 1}
+# Settings that may change between a run and its resumption; any other difference is refused.
+RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.keep_last", "run.max_steps",
+                     "data.num_workers", "data.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint stays `latest`."""
+
+
+def deepspeed_config(config, world):
+    """The effective DeepSpeed config: the JSON file named by the run config, plus batch sizes,
+    precision and clipping from the run config (saved as RUN_DIR/ds_config.json)."""
+    path = Path(config.deepspeed.config)
+    if not path.is_file() and (REPO / path).is_file():
+        path = REPO / path
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config key deepspeed.config: {path} does not exist") from None
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+    for owned in ("optimizer", "scheduler", "bf16", "fp16", "train_batch_size", "gradient_clipping"):
+        if owned in ds:
+            raise UserError(f"{path}: remove {owned!r}; the run config sets it (optim.*, deepspeed.*)")
+    d = config.deepspeed
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if d.precision == "bf16" and stage == 0:
+        raise UserError("bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
+                        "from fp32; use ds_configs/zero1.json or higher for bf16")
+    ds.update(train_micro_batch_size_per_gpu=d.micro_batch_size, gradient_accumulation_steps=d.grad_accum,
+              train_batch_size=d.micro_batch_size * d.grad_accum * world, gradient_clipping=config.optim.clip_grad,
+              steps_per_print=10 ** 12, wall_clock_breakdown=False)
+    if d.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif d.precision == "fp16":
+        ds["fp16"] = dict(FP16)
+    return ds
+
+
+def check_resumable(saved, config, world):
+    if saved["world_size"] != world:
+        raise UserError(f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
+                        "resume with the same world size (ZeRO partitions are per rank)")
+    current, before = _flatten(to_dict(config)), _flatten(saved["config"])
+    changed = [k for k in sorted(set(current) | set(before)) if current.get(k) != before.get(k)
+               and k not in RESUMABLE_CHANGES]
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
+        raise UserError(f"the config differs from the checkpoint's ({details}); use a new run.dir to start over")
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (Slurm's warning signal); the loop checkpoints and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._set)
+
+    def _set(self, signum, frame):
+        self.signum = signum
+
+
+def train(config):
+    """Run (or resume) the training that `config` describes. Returns (last step, signal number that
+    stopped it or 0)."""
+    deepspeed.init_distributed()
+    world, is_main = world_size(), rank() == 0
+    run_dir, ckpt_dir = Path(config.run.dir), Path(config.run.dir) / "ckpt"
+    stop = StopFlag()
+
+    torch.manual_seed(config.run.seed)  # the same initial weights on every rank, in every run
+    objective = build_objective(config)
+    groups = objective_param_groups(objective, config)
+    d = config.deepspeed
+    global_batch = d.micro_batch_size * d.grad_accum * world
+    lr = config.optim.base_lr * global_batch / 256
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]}
+         for g in groups], lr=lr, betas=tuple(config.optim.betas))
+
+    manifest = Manifest.load(config.data.train)
+    steps_per_epoch = max(1, manifest.num_samples // global_batch)
+    loader = make_loader(manifest, d.micro_batch_size, view=objective.view, img_size=config.data.img_size,
+                         mode="resampled", num_workers=config.data.num_workers, seed=config.run.seed,
+                         shuffle_buffer=config.data.shuffle_buffer, steps_per_epoch=steps_per_epoch * d.grad_accum,
+                         pin_memory=torch.cuda.is_available())
+    total_steps = max(1, round(config.optim.epochs * steps_per_epoch))
+    warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
+    min_ratio = config.optim.min_lr / lr
+    scheduler = LambdaLR(optimizer, lambda step: cosine_lr_factor(step, warmup_steps, total_steps, min_ratio))
+
+    ds_config = deepspeed_config(config, world)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    dtype, device = DTYPES[d.precision], engine.device
+
+    state = {"step": 0, "bad_samples": 0}
+    saved = checkpoint.load(engine, ckpt_dir) if checkpoint.latest_tag(ckpt_dir) else None
+    if saved is not None:
+        check_resumable(saved, config, world)
+        objective.load_extra_state(saved["objective"])
+        state.update(step=saved["step"], bad_samples=saved["bad_samples"])
+        log.info("resumed %s at step %d", ckpt_dir / checkpoint.latest_tag(ckpt_dir), state["step"])
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        log.info("%d processes, global batch %d, lr %.3g, %d steps (%d per epoch, %d warmup)\n%s", world,
+                 global_batch, lr, total_steps, steps_per_epoch, warmup_steps, format_param_groups(groups))
+    monitor = Monitor(run_dir, is_main, total_steps, global_batch)
+    monitor.config(dump_config(config))
+
+    def save(step):
+        client_state = {"step": step, "world_size": world, "config": to_dict(config), "bad_samples": state["bad_samples"],
+                        "objective": objective.extra_state(), "steps_per_epoch": steps_per_epoch}
+        tag = checkpoint.save(engine, ckpt_dir, step, client_state, config.run.keep_last)
+        if is_main:
+            log.info("saved checkpoint %s", ckpt_dir / tag)
+
+    last_step = min(total_steps, config.run.max_steps or total_steps)
+    batches, step, sums, stopped_by = None, state["step"], {}, 0
+    engine.train()
+    while step < last_step:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if batches is None or step_in_epoch == 0:
+            batches = loader.epoch(epoch, step_in_epoch * d.grad_accum)
+        for micro in range(d.grad_accum):
+            batch = next(batches)
+            torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
+            images = batch["images"]
+            images = [normalize(v, device).to(dtype) for v in images] if isinstance(images, list) \
+                else normalize(images, device).to(dtype)
+            outputs = engine(images)
+            # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
+            # so that every rank takes the same decision at the same step.
+            status = torch.tensor([outputs["loss"].detach().float(), float(not torch.isfinite(outputs["loss"])),
+                                   float(stop.signum), float(batch["bad_samples"])], device=device)
+            dist.all_reduce(status)
+            if status[1] > 0:
+                raise TrainingDiverged(f"loss is {outputs['loss'].item()} at step {step} on at least one rank; "
+                                       f"the last good checkpoint is {checkpoint.latest_tag(ckpt_dir)} in {ckpt_dir}")
+            engine.backward(outputs["loss"])
+            engine.step()
+            state["bad_samples"] += int(status[3])
+            for name, value in outputs.items():
+                value = status[0] / world if name == "loss" else value.detach().float()
+                sums[name] = sums.get(name, 0.0) + float(value) / d.grad_accum
+        step += 1
+        objective.after_step(step, total_steps)
+        monitor.step_done()
+
+        if step % config.run.log_every == 0 or step == last_step:
+            count = config.run.log_every if step % config.run.log_every == 0 else step % config.run.log_every
+            scalars = {name: value / count for name, value in sums.items()}
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            grad_norm = engine.get_global_grad_norm()
+            scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
+                            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                            "data/samples_seen": step * global_batch, "data/bad_samples": state["bad_samples"],
+                            "memory/bytes": memory_bytes(device), "epoch": step / steps_per_epoch})
+            monitor.report(step, scalars)
+            sums = {}
+        if config.run.image_every and step % config.run.image_every == 0:
+            first = images[0] if isinstance(images, list) else images
+            monitor.images(step, "reconstruction", objective.images_to_log(first))
+        stopped_by = (stop.signum or signal.SIGTERM) if status[2] > 0 else 0
+        if step % config.run.save_every == 0 or step == last_step or stopped_by:
+            save(step)
+        if stopped_by:
+            log.info("stopped at step %d on signal %d; run the same command again to resume", step, stopped_by)
+            break
+    monitor.close()
+    return step, stopped_by

@@ -1,0 +1,31 @@
+"""The interface between a method and the engine."""
+from torch import nn
+
+
+class Objective(nn.Module):
+    """A self-supervised method: it owns its encoder and heads.
+
+    * `view`: the name of the augmentation the loader must produce (see pretrain.views).
+    * `encoder`: the timm ViT that is exported at the end.
+    * `forward(images)` -> dict with a scalar `loss` and any other scalars worth logging; `images` is a
+      normalized float batch, or a list of them for multi-view methods.
+    * `after_step(step, total_steps)`: called on every rank after each optimizer step (momentum updates).
+    * `extra_state()` / `load_extra_state(state)`: what the checkpoint must hold besides the engine's
+      module and optimizer (say, a momentum encoder kept outside the engine).
+    * `images_to_log(images)`: an optional (N, 3, H, W) grid source for TensorBoard, or None.
+    """
+
+    view = "eval"
+    encoder: nn.Module
+
+    def after_step(self, step, total_steps):
+        pass
+
+    def extra_state(self):
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def images_to_log(self, images):
+        return None

@@ -1,0 +1,76 @@
+"""Encoders from timm, and the small pieces the methods add around them (MLP heads, fixed positions)."""
+import timm
+import torch
+from fairscale.nn.checkpoint import checkpoint_wrapper
+from timm.layers import build_sincos2d_pos_embed
+from torch import nn
+
+TIMM_NAMES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "vit_huge": "vit_huge_patch14_224",
+}
+
+
+def timm_name(arch):
+    return TIMM_NAMES[arch]
+
+
+def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing=False):
+    """A timm VisionTransformer without classifier head, with fixed 2-D sin-cos position embeddings
+    (as MAE and MoCo v3 use); `timm.create_model(timm_name(arch), num_classes=0)` loads its state_dict."""
+    encoder = timm.create_model(timm_name(arch), pretrained=False, num_classes=0, img_size=img_size,
+                                patch_size=patch_size, drop_path_rate=drop_path)
+    set_sincos_pos_embed(encoder.pos_embed, encoder.patch_embed.grid_size, encoder.num_prefix_tokens)
+    if grad_checkpointing:
+        enable_block_checkpointing(encoder.blocks)
+    return encoder
+
+
+def set_sincos_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
+    """Fill a (1, prefix + H*W, dim) position embedding with fixed 2-D sin-cos values (zeros for the
+    prefix tokens, as in MAE) and freeze it."""
+    table = build_sincos2d_pos_embed(list(grid_size), pos_embed.shape[-1])
+    with torch.no_grad():
+        pos_embed.zero_()
+        pos_embed[0, num_prefix_tokens:] = table
+    pos_embed.requires_grad_(False)
+
+
+def enable_block_checkpointing(blocks):
+    """Recompute each block's activations in the backward pass (fairscale's checkpoint_wrapper, which
+    patches forward in place, so parameter names and state_dict keys do not change)."""
+    for block in blocks:
+        checkpoint_wrapper(block)
+
+
+def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
+    """MoCo v3's projector/predictor: bias-free linears with BatchNorm + ReLU between them and,
+    optionally, a BatchNorm without affine parameters at the end."""
+    layers = []
+    for index in range(num_layers):
+        dim_in = in_dim if index == 0 else hidden_dim
+        dim_out = out_dim if index == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        if index < num_layers - 1:
+            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def patchify(images, patch_size):
+    """(N, C, H, W) -> (N, L, patch_size**2 * C), patches in row-major order, pixels as (p, q, c)."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch_size) * (w // patch_size), -1)
+
+
+def unpatchify(patches, patch_size, channels=3):
+    """Inverse of `patchify` for square images."""
+    n, length, _ = patches.shape
+    side = int(length ** 0.5)
+    x = patches.reshape(n, side, side, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, side * patch_size, side * patch_size)

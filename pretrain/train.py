@@ -1,0 +1,56 @@
+"""lg-pretrain: self-supervised pretraining of a timm ViT with DeepSpeed.
+
+    lg-pretrain --config configs/demo.yaml [key=value ...] [--print-param-groups]
+
+Runs alike as one process (`python -m pretrain.train`), under `torchrun` / `deepspeed` launchers and in
+Slurm tasks. Re-running the same command resumes from RUN_DIR/ckpt/latest. Exit codes: 0 done,
+2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after saving a checkpoint.
+"""
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from pretrain.config import load_config
+from pretrain.errors import cli_entry
+
+log = logging.getLogger("lg-pretrain")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="lg-pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML run config (see configs/); defaults apply to missing keys")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 run.dir=runs/x")
+    parser.add_argument("--print-param-groups", action="store_true", help="print the optimizer groups and exit")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+@cli_entry("lg-pretrain")
+def main(argv=None):
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if args.print_param_groups:
+        from pretrain.methods import build_objective
+        from pretrain.param_groups import format_param_groups, objective_param_groups
+
+        print(format_param_groups(objective_param_groups(build_objective(config), config)))
+        return 0
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pretrain.distributed import default_env_for_single_process
+    from pretrain.engine import TrainingDiverged, train
+
+    default_env_for_single_process()
+    try:
+        step, signum = train(config)
+    except TrainingDiverged as error:
+        print(f"lg-pretrain: stopped: {error}", file=sys.stderr)
+        return 3
+    return 128 + signum if signum else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
