@@ -141,6 +141,11 @@ def _coerce(value, kind, key):
         return [_coerce(v, item, key) for v in value]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # run.dir=2024 on the command line
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
