@@ -1,5 +1,7 @@
 """Checkpoints in a run directory: DeepSpeed tags under RUN_DIR/ckpt, a `latest` file that moves only
-after every rank has finished writing, and the last K tags kept."""
+after every rank has finished writing, and the last K tags kept. Each tag also holds `run_state.json`
+(step, world size, config), which a resuming run checks before DeepSpeed reads any shard."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,6 +11,7 @@ import torch.distributed as dist
 from pretrain.distributed import rank
 
 LATEST = "latest"
+RUN_STATE = "run_state.json"
 
 
 def tag_of(step):
@@ -20,13 +23,14 @@ def latest_tag(ckpt_dir):
     return path.read_text().strip() if path.is_file() else None
 
 
-def save(engine, ckpt_dir, step, client_state, keep_last):
+def save(engine, ckpt_dir, step, client_state, run_state, keep_last):
     """Save tag `step`, then point `latest` at it (atomically, after a barrier), then prune old tags."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if rank() == 0:
+        (ckpt_dir / tag / RUN_STATE).write_text(json.dumps(run_state, indent=1))
         temporary = ckpt_dir / f".{LATEST}.tmp"
         temporary.write_text(tag)
         os.replace(temporary, ckpt_dir / LATEST)
@@ -36,6 +40,12 @@ def save(engine, ckpt_dir, step, client_state, keep_last):
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def run_state(ckpt_dir):
+    """The run_state.json of the `latest` tag, or None if the run has no checkpoint yet."""
+    tag = latest_tag(ckpt_dir)
+    return None if tag is None else json.loads((Path(ckpt_dir) / tag / RUN_STATE).read_text())
 
 
 def load(engine, ckpt_dir):

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import signal
 import tarfile
 from functools import partial
 from itertools import islice
@@ -126,6 +127,13 @@ class ShardStream(IterableDataset):
         for index, raw_batch in islice(enumerate(raw_batches), skips[worker], counts[worker]):
             with guard():
                 yield loader.make_batch(raw_batch, (seed, self.epoch, rank, worker, index))
+
+
+def _leave_stop_signals_to_the_trainer(worker_id):
+    """Slurm and torchrun send SIGTERM / SIGUSR1 to every process of a job, DataLoader workers included.
+    A worker killed by it would crash the trainer before it can checkpoint; the trainer stops the workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -226,7 +234,7 @@ class ShardLoader:
             batches = iter(stream)
         else:
             batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory))
+                                      pin_memory=self.pin_memory, worker_init_fn=_leave_stop_signals_to_the_trainer))
         for batch in batches:
             self.bad_samples += batch["bad_samples"]
             yield batch

@@ -96,6 +96,16 @@ def _flatten(tree, prefix=""):
     return flat
 
 
+def match_batchnorm_statistics(module, dtype):
+    """DeepSpeed casts parameters to bf16/fp16 but keeps buffers in fp32, and BatchNorm refuses weights and
+    running statistics of different dtypes. The heads' BatchNorms only ever run in training mode, so their
+    running statistics are never read: casting them costs nothing."""
+    for child in module.modules():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and child.affine and child.track_running_stats:
+            child.running_mean.data = child.running_mean.data.to(dtype)
+            child.running_var.data = child.running_var.data.to(dtype)
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 (Slurm's warning signal); the loop checkpoints and stops."""
 
@@ -141,11 +151,12 @@ def train(config):
     engine, optimizer, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
     dtype, device = DTYPES[d.precision], engine.device
+    match_batchnorm_statistics(objective, dtype)
 
     state = {"step": 0, "bad_samples": 0}
-    saved = checkpoint.load(engine, ckpt_dir) if checkpoint.latest_tag(ckpt_dir) else None
-    if saved is not None:
-        check_resumable(saved, config, world)
+    if checkpoint.latest_tag(ckpt_dir):
+        check_resumable(checkpoint.run_state(ckpt_dir), config, world)
+        saved = checkpoint.load(engine, ckpt_dir)
         objective.load_extra_state(saved["objective"])
         state.update(step=saved["step"], bad_samples=saved["bad_samples"])
         log.info("resumed %s at step %d", ckpt_dir / checkpoint.latest_tag(ckpt_dir), state["step"])
@@ -159,9 +170,9 @@ def train(config):
     monitor.config(dump_config(config))
 
     def save(step):
-        client_state = {"step": step, "world_size": world, "config": to_dict(config), "bad_samples": state["bad_samples"],
-                        "objective": objective.extra_state(), "steps_per_epoch": steps_per_epoch}
-        tag = checkpoint.save(engine, ckpt_dir, step, client_state, config.run.keep_last)
+        client_state = {"step": step, "bad_samples": state["bad_samples"], "objective": objective.extra_state()}
+        run_state = {"step": step, "world_size": world, "steps_per_epoch": steps_per_epoch, "config": to_dict(config)}
+        tag = checkpoint.save(engine, ckpt_dir, step, client_state, run_state, config.run.keep_last)
         if is_main:
             log.info("saved checkpoint %s", ckpt_dir / tag)
 

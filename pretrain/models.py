@@ -1,7 +1,8 @@
 """Encoders from timm, and the small pieces the methods add around them (MLP heads, fixed positions)."""
+import functools
+
 import timm
 import torch
-from fairscale.nn.checkpoint import checkpoint_wrapper
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
@@ -40,10 +41,15 @@ def set_sincos_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
 
 
 def enable_block_checkpointing(blocks):
-    """Recompute each block's activations in the backward pass (fairscale's checkpoint_wrapper, which
-    patches forward in place, so parameter names and state_dict keys do not change)."""
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    torch's non-reentrant checkpoint, patched onto each block's forward so that parameter names and
+    state_dict keys stay timm's. Not fairscale's checkpoint_wrapper: it is reentrant, so a block used
+    twice in one step (MoCo's two views) fires its gradient hooks twice, which ZeRO-3 rejects
+    (`assert len(set(p.ds_id ...)) == len(params_in_bucket)` in stage3.py).
+    """
     for block in blocks:
-        checkpoint_wrapper(block)
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):

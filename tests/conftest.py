@@ -60,3 +60,36 @@ def demo_shards(demo_images, tmp_path_factory):
                          "--max-per-shard", 50, "--workers", 2)
         assert result.returncode == 0, result.stderr
     return out
+
+
+# Multi-process training on the CPU: DeepSpeed's CPU accelerator, one thread per process, and compiled
+# ops cached inside the venv (a stale lock in a shared cache can hang torch).
+TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+             "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
+TINY_RUN = ["model.patch_size=8", "deepspeed.micro_batch_size=16", "data.num_workers=1", "data.shuffle_buffer=100",
+            "moco.mlp_dim=128", "moco.out_dim=32", "run.log_every=1", "run.image_every=0", "run.save_every=1000",
+            "optim.epochs=5", "optim.warmup_epochs=0.25"]
+
+
+def pretrain_command(run_dir, train_manifest, *overrides, nproc=2):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / "demo.yaml"),
+            f"run.dir={run_dir}", f"data.train={train_manifest}", *TINY_RUN, *map(str, overrides)]
+
+
+def pretrain(run_dir, train_manifest, *overrides, nproc=2, timeout=600):
+    """Run lg-pretrain to completion in real processes; return the CompletedProcess."""
+    return subprocess.run(pretrain_command(run_dir, train_manifest, *overrides, nproc=nproc), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env={**os.environ, **TRAIN_ENV})
+
+
+def tensorboard(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalar_values(run_dir, tag):
+    return [event.value for event in tensorboard(run_dir).Scalars(tag)]

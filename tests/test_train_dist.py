@@ -1,0 +1,252 @@
+"""lg-pretrain for real: the DeepSpeed engine in two gloo processes on the embedded digits."""
+import functools
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import timm
+import torch
+
+from pretrain.checkpoint import latest_tag, tag_of
+from pretrain.export import consolidated_state_dict
+from tests.conftest import REPO, TRAIN_ENV, pretrain, pretrain_command, run_cli, scalar_values, tensorboard
+
+pytestmark = pytest.mark.dist
+
+# What each stage's run also exercises besides the stage itself.
+STAGE_EXTRAS = {
+    0: ["deepspeed.precision=fp32"],
+    1: ["deepspeed.precision=fp32", "deepspeed.grad_accum=2", "optim.clip_grad=1.0"],
+    2: ["deepspeed.precision=bf16"],
+    3: ["deepspeed.precision=fp32", "model.grad_checkpointing=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def manifest(demo_shards):
+    return demo_shards / "train.json"
+
+
+@pytest.fixture(scope="module")
+def stage_run(manifest, tmp_path_factory):
+    """Run (once per module) 2 steps of a method under a ZeRO stage, a checkpoint after each step."""
+
+    @functools.lru_cache(maxsize=None)
+    def run(stage, method):
+        run_dir = tmp_path_factory.mktemp(f"zero{stage}_{method}")
+        result = pretrain(run_dir, manifest, f"method={method}", f"deepspeed.config=ds_configs/zero{stage}.json",
+                          "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[stage])
+        assert result.returncode == 0, result.stderr[-4000:]
+        return run_dir
+
+    return run
+
+
+def client_state(run_dir, step):
+    return torch.load(run_dir / "ckpt" / tag_of(step) / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["mae", "mocov3"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_trains(stage_run, stage, method):
+    run_dir = stage_run(stage, method)
+    losses = scalar_values(run_dir, "loss")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert latest_tag(run_dir / "ckpt") == tag_of(2) and (run_dir / "ckpt" / tag_of(1)).is_dir()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "ds_config.json").is_file()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_momentum_branch_follows_the_online_weights(stage_run, stage):
+    """target(2) = m * target(1) + (1 - m) * online(2), with ZeRO-2 and with ZeRO-3-partitioned online weights."""
+    run_dir = stage_run(stage, "mocov3")
+    before, after = client_state(run_dir, 1)["objective"], client_state(run_dir, 2)["objective"]
+    # The EMA reads the engine's module weights: bf16 in the ZeRO-2 run (the module states file has them
+    # whole), fp32 in the ZeRO-3 run (consolidated from the partitions).
+    module = client_state(run_dir, 2)["module"] if stage == 2 else consolidated_state_dict(run_dir / "ckpt", tag_of(2))
+    online = {name: tensor.float() for name, tensor in module.items()}
+    m = after["momentum"]
+    assert 0.99 < m < 1
+    moved = 0
+    for name, target in after["momentum_branch"].items():
+        if "running_" in name or "num_batches" in name:
+            continue  # BatchNorm statistics are not averaged (as in MoCo v3)
+        expected = m * before["momentum_branch"][name] + (1 - m) * online[name]
+        assert torch.allclose(target, expected, atol=1e-6), name
+        moved += not torch.equal(target, before["momentum_branch"][name])
+    assert moved > 100, "the EMA must move the momentum branch"
+
+
+def test_export_of_a_zero3_run_loads_strictly_into_timm(stage_run, tmp_path):
+    run_dir = stage_run(3, "mae")
+    out = tmp_path / "encoder.pth"
+    result = run_cli("pretrain.export", run_dir, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out, map_location="cpu")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8)
+    model.load_state_dict(state, strict=True)
+    consolidated = consolidated_state_dict(run_dir / "ckpt", tag_of(2))
+    assert torch.equal(state["blocks.11.mlp.fc2.weight"], consolidated["encoder.blocks.11.mlp.fc2.weight"])
+
+
+def test_block_checkpointing_under_zero3_gives_the_same_losses(stage_run, manifest, tmp_path):
+    plain = pretrain(tmp_path / "plain", manifest, "method=mae", "deepspeed.config=ds_configs/zero3.json",
+                     "run.max_steps=2", "deepspeed.precision=fp32")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert scalar_values(tmp_path / "plain", "loss") == scalar_values(stage_run(3, "mae"), "loss")
+
+
+@pytest.fixture(scope="module")
+def long_runs(manifest, tmp_path_factory):
+    """100 steps of MAE and of MoCo v3 (ZeRO-2, fp32), logging every 10 steps."""
+    runs = {}
+    for method, lr in (("mae", "2e-3"), ("mocov3", "1e-2")):
+        run_dir = tmp_path_factory.mktemp(f"long_{method}")
+        result = pretrain(run_dir, manifest, f"method={method}", "deepspeed.config=ds_configs/zero2.json",
+                          "deepspeed.precision=fp32", "run.max_steps=100", "run.log_every=10", "run.image_every=50",
+                          f"optim.base_lr={lr}")
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[method] = (run_dir, result)
+    return runs
+
+
+@pytest.mark.parametrize("method, at_most", [("mae", 0.8), ("mocov3", 0.98)])
+def test_loss_drops_over_100_steps(long_runs, method, at_most):
+    losses = scalar_values(long_runs[method][0], "loss")
+    assert len(losses) == 10
+    assert min(losses[-3:]) < at_most * losses[0], losses
+
+
+def test_tensorboard_has_the_named_tags_an_image_and_the_config(long_runs):
+    common = {"loss", "lr/first_group", "lr/last_group", "grad_norm", "perf/images_per_s", "perf/step_time_s",
+              "data/samples_seen", "data/bad_samples", "memory/bytes"}
+    mae, moco = tensorboard(long_runs["mae"][0]), tensorboard(long_runs["mocov3"][0])
+    assert common <= set(mae.Tags()["scalars"])
+    assert common | {"logit_positive", "logit_negative", "momentum"} <= set(moco.Tags()["scalars"])
+    images = mae.Images("reconstruction")
+    assert [image.step for image in images] == [50, 100] and images[0].width > 32
+    config = mae.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "method: mae" in config and "vit_tiny" in config
+    momentum = [event.value for event in moco.Scalars("momentum")]
+    assert momentum == sorted(momentum) and 0.99 <= momentum[0] < momentum[-1] < 1
+    samples = [event.value for event in mae.Scalars("data/samples_seen")]
+    assert samples[-1] == 100 * 32
+    log = long_runs["mae"][1].stderr
+    assert "step 100/" in log and "img/s" in log and "eta" in log
+
+
+def process_tree(pid):
+    """`pid` and every process below it (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, frontier = [pid], [pid]
+    while frontier:
+        kids = children.get(frontier.pop(), [])
+        tree += kids
+        frontier += kids
+    return tree
+
+
+def signal_all(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def run_until_checkpoint(command, run_dir, step):
+    """Start a training; right after checkpoint `step` is complete, SIGKILL it and all its processes."""
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while latest_tag(run_dir / "ckpt") != tag_of(step) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signal_all(process_tree(process.pid), signal.SIGSTOP)  # freeze the tree so that no process escapes
+    signal_all(process_tree(process.pid), signal.SIGKILL)
+    process.wait(timeout=60)
+    return process
+
+
+def test_resume_after_sigkill_is_exact(manifest, tmp_path):
+    """fp32, ZeRO-2, 2 processes: 20 steps straight == 10 steps, SIGKILL, resume to 20."""
+    common = ["method=mae", "deepspeed.config=ds_configs/zero2.json", "deepspeed.precision=fp32", "run.max_steps=20",
+              "run.save_every=10", "optim.base_lr=2e-3"]
+    straight = pretrain(tmp_path / "straight", manifest, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    interrupted = tmp_path / "interrupted"
+    run_until_checkpoint(pretrain_command(interrupted, manifest, *common), interrupted, 10)
+    assert latest_tag(interrupted / "ckpt") == tag_of(10), "killed too late to test anything"
+    resumed = pretrain(interrupted, manifest, *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {interrupted / 'ckpt' / tag_of(10)} at step 10" in resumed.stderr
+    expected = consolidated_state_dict(tmp_path / "straight" / "ckpt", tag_of(20))
+    actual = consolidated_state_dict(interrupted / "ckpt", tag_of(20))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert scalar_values(interrupted, "loss")[-10:] == scalar_values(tmp_path / "straight", "loss")[-10:]
+
+
+def test_mocov3_resume_restores_the_momentum_branch_exactly(manifest, tmp_path):
+    common = ["method=mocov3", "deepspeed.config=ds_configs/zero2.json", "deepspeed.precision=fp32",
+              "run.save_every=3"]
+    straight = pretrain(tmp_path / "straight", manifest, *common, "run.max_steps=6")
+    first = pretrain(tmp_path / "split", manifest, *common, "run.max_steps=3")
+    second = pretrain(tmp_path / "split", manifest, *common, "run.max_steps=6")
+    assert straight.returncode == first.returncode == second.returncode == 0, second.stderr[-3000:]
+    expected, actual = client_state(tmp_path / "straight", 6), client_state(tmp_path / "split", 6)
+    assert expected["objective"]["momentum"] == actual["objective"]["momentum"]
+    for name, tensor in expected["objective"]["momentum_branch"].items():
+        assert torch.equal(tensor, actual["objective"]["momentum_branch"][name]), name
+    assert expected["module"].keys() == actual["module"].keys()
+    assert all(torch.equal(expected["module"][k], actual["module"][k]) for k in expected["module"])
+
+
+def test_sigterm_checkpoints_and_stops_then_the_same_command_resumes(manifest, tmp_path):
+    run_dir = tmp_path / "run"
+    command = pretrain_command(run_dir, manifest, "method=mae", "deepspeed.config=ds_configs/zero1.json",
+                               "deepspeed.precision=fp32", "run.max_steps=400", "run.save_every=2")
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while latest_tag(run_dir / "ckpt") is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "stopped at step" in stderr and "on signal 15" in stderr, stderr[-3000:]
+    stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
+    assert 2 <= stopped_at < 400 and latest_tag(run_dir / "ckpt") == tag_of(stopped_at)
+    resumed = pretrain(run_dir, manifest, "method=mae", "deepspeed.config=ds_configs/zero1.json",
+                       "deepspeed.precision=fp32", f"run.max_steps={stopped_at + 2}", "run.save_every=2")
+    assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_changed_world_size_or_config_is_refused(stage_run, manifest):
+    run_dir = stage_run(1, "mae")
+    common = ["method=mae", "deepspeed.config=ds_configs/zero1.json", "run.max_steps=4", *STAGE_EXTRAS[1]]
+    single = pretrain(run_dir, manifest, *common, nproc=1)
+    assert single.returncode == 2 and "written by 2 processes and this run has 1" in single.stderr
+    changed = pretrain(run_dir, manifest, *common, "optim.weight_decay=0.3")
+    assert changed.returncode != 0 and "optim.weight_decay: 0.05 -> 0.3" in changed.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(manifest, tmp_path):
+    result = pretrain(tmp_path, manifest, "method=mae", "deepspeed.config=ds_configs/zero1.json",
+                      "deepspeed.precision=fp32", "optim.base_lr=1e30", "optim.warmup_epochs=0", "run.max_steps=50",
+                      "run.save_every=1", nproc=1)
+    assert result.returncode == 3, result.stderr[-3000:]
+    message = result.stderr.split("lg-pretrain: stopped: ")[1]
+    diverged_at = int(message.split(" at step ")[1].split()[0])
+    assert message.startswith(("loss is nan", "loss is inf"))
+    assert latest_tag(tmp_path / "ckpt") == tag_of(diverged_at) and f"{tag_of(diverged_at)} in" in message
+    assert not (tmp_path / "ckpt" / tag_of(diverged_at + 1)).exists()
