@@ -46,8 +46,12 @@ def stage_run(manifest, tmp_path_factory):
 
 
 def client_state(run_dir, step):
-    return torch.load(run_dir / "ckpt" / tag_of(step) / "mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=False)
+    """Rank 0's model-states file of a tag: DeepSpeed keeps the client state there (named differently
+    under ZeRO-3, where it holds no module weights)."""
+    tag_dir = run_dir / "ckpt" / tag_of(step)
+    path = next(p for p in (tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                if p.is_file())
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 @pytest.mark.parametrize("method", ["mae", "mocov3"])
