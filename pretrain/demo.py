@@ -1,21 +1,28 @@
 """lg-demo: the whole pipeline end to end on the embedded digits data set, on the CPU.
 
-    python -m pretrain.demo [--workdir runs/demo]
+    python -m pretrain.demo [--workdir runs/demo] [--processes 2]
 
 Steps: write the demo data set -> shard train and val -> verify the shards -> read them back through
-the training loader (resampled, MAE view) and the evaluation loader (epoch mode) and report what came
-out. Every step is idempotent: a second run reuses what the first one wrote.
+the training loader (resampled, MAE view) and the evaluation loader (epoch mode) -> pretrain a ViT-Tiny
+with MAE on 2 processes (DeepSpeed ZeRO-1 on gloo, configs/demo.yaml) -> export the encoder as a timm
+state_dict -> say where the TensorBoard logs are. Every step is idempotent: a second run reuses what
+the first one wrote, and the training resumes from its last checkpoint.
 """
 import argparse
 import collections
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from data_prep import demo_data, shard, verify
+from pretrain import export
 from pretrain.data import make_loader
 from pretrain.errors import UserError, cli_entry
 
 IMG_SIZE = 32
+REPO = Path(__file__).resolve().parents[1]
 
 
 def read_back(manifest, batch_size, **options):
@@ -29,10 +36,30 @@ def read_back(manifest, batch_size, **options):
     return loader.num_batches(0), samples, labels, loader.bad_samples, shapes, time.perf_counter() - started
 
 
+def pretrain(run_dir, train_manifest, processes):
+    """Run lg-pretrain with configs/demo.yaml on `processes` CPU processes, echoing its progress lines."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    command = [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / "demo.yaml"),
+               f"run.dir={run_dir}", f"data.train={train_manifest}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log_file.write(line)
+            if "lg-pretrain" in line:
+                print("      " + line.rstrip().split(" lg-pretrain: ", 1)[-1], flush=True)
+    if process.wait() != 0:
+        raise UserError(f"pretraining failed (exit code {process.returncode}); see {run_dir / 'train.log'}")
+
+
 @cli_entry("lg-demo")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="lg-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--processes", type=int, default=2, help="training processes (default 2)")
     args = parser.parse_args(argv)
     images, shards = args.workdir / "digits", args.workdir / "shards"
 
@@ -55,7 +82,15 @@ def main(argv=None):
         print(f"{split:5s} {options['mode']:9s} view={options['view']:4s} {batches} batches, {samples} samples, "
               f"images {sorted(shapes)} uint8, bad samples {bad}, {samples / seconds:.0f} img/s\n"
               f"      labels {histogram}")
-    print(f"demo finished; everything is under {args.workdir}")
+    run_dir = args.workdir / "mae"
+    print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {run_dir}")
+    pretrain(run_dir, shards / "train.json", args.processes)
+    print("== 6. export the encoder")
+    kwargs = export.export(run_dir, run_dir / "encoder.pth")
+    print(f"wrote {run_dir / 'encoder.pth'} (timm.create_model({kwargs['model_name']!r}, num_classes=0, "
+          f"img_size={kwargs['img_size']}, patch_size={kwargs['patch_size']}) loads it strictly)")
+    print(f"demo finished; everything is under {args.workdir}\n"
+          f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return 0
 
 

@@ -9,6 +9,8 @@ call printed at the end (with the defaults, 224 px and patch 16 / 14, it is just
 `timm.create_model(name, num_classes=0)`). OUT.json records that call and the run it came from.
 """
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -25,16 +27,26 @@ ENCODER = "encoder."
 
 
 def consolidated_state_dict(ckpt_dir, tag):
-    """The objective's full float32 state_dict from checkpoint `tag`."""
+    """The objective's full float32 state_dict from checkpoint `tag`.
+
+    Stages 0-2 keep the whole module (in the training dtype) in mp_rank_00_model_states.pt; that gives
+    the frozen parameters and buffers. The float32 master weights of everything trained come from the
+    ZeRO optimizer shards through zero_to_fp32, which also rebuilds ZeRO-3's partitioned frozen ones.
+    """
     tag_dir = Path(ckpt_dir) / tag
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint {tag_dir} does not exist")
+    state = {}
+    module_states = tag_dir / "mp_rank_00_model_states.pt"
+    if module_states.is_file():
+        module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+        state = {name: tensor.float() for name, tensor in module.items()}
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {name: tensor.float() for name, tensor in states["module"].items()}
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter
+            state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    return state
 
 
 def export(run_dir, out, tag=None):

@@ -1,8 +1,10 @@
 """The embedded data set and the commands around it."""
 import pytest
+import timm
+import torch
 from PIL import Image
 
-from tests.conftest import REPO, run_cli, write_file
+from tests.conftest import REPO, run_cli, scalar_values, write_file
 
 
 def test_demo_data_is_a_32px_rgb_imagefolder_of_all_digits(demo_images):
@@ -35,10 +37,19 @@ def test_console_scripts_are_declared():
         assert script in setup
 
 
+@pytest.mark.dist
 def test_demo_runs_end_to_end_and_again(tmp_path):
-    first = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    """data set -> shards -> loaders -> MAE on 2 processes -> export -> TensorBoard; then again, resuming."""
+    first = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     assert "train resampled view=mae  22 batches, 1408 samples" in first.stdout
     assert "val   epoch     view=eval 7 batches, 359 samples" in first.stdout
-    second = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=600)
+    run_dir = tmp_path / "demo" / "mae"
+    assert f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}" in first.stdout
+    losses = scalar_values(run_dir, "loss")
+    assert len(losses) == 22 and losses[-1] < 0.7 * losses[0], losses
+    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4)
+    encoder.load_state_dict(torch.load(run_dir / "encoder.pth"), strict=True)
+    second = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=900)
     assert second.returncode == 0 and "already complete" in second.stdout
+    assert "resumed" in second.stdout and "step 220/220" not in second.stdout

@@ -85,8 +85,9 @@ def test_momentum_branch_follows_the_online_weights(stage_run, stage):
     assert moved > 100, "the EMA must move the momentum branch"
 
 
-def test_export_of_a_zero3_run_loads_strictly_into_timm(stage_run, tmp_path):
-    run_dir = stage_run(3, "mae")
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_export_loads_strictly_into_timm(stage_run, stage, tmp_path):
+    run_dir = stage_run(stage, "mae")
     out = tmp_path / "encoder.pth"
     result = run_cli("pretrain.export", run_dir, out)
     assert result.returncode == 0, result.stderr[-3000:]
