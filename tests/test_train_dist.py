@@ -255,3 +255,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(manifest, tmp_path):
     assert message.startswith(("loss is nan", "loss is inf"))
     assert latest_tag(tmp_path / "ckpt") == tag_of(diverged_at) and f"{tag_of(diverged_at)} in" in message
     assert not (tmp_path / "ckpt" / tag_of(diverged_at + 1)).exists()
+
+
+def test_deepspeed_launcher_runs_the_same_training(stage_run, manifest, tmp_path):
+    """`deepspeed --num_gpus 2 --module pretrain.train` gives the losses torchrun gave."""
+    command = pretrain_command(tmp_path, manifest, "method=mae", "deepspeed.config=ds_configs/zero0.json",
+                               "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[0])
+    launcher = [command[0], "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module",
+                *command[command.index("pretrain.train"):]]
+    result = subprocess.run(launcher, capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, **TRAIN_ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert scalar_values(tmp_path, "loss") == scalar_values(stage_run(0, "mae"), "loss")
