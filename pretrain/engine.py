@@ -61,6 +61,11 @@ def deepspeed_config(config, world):
             raise UserError(f"{path}: remove {owned!r}; the run config sets it (optim.*, deepspeed.*)")
     d = config.deepspeed
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    from deepspeed.accelerator import get_accelerator
+
+    if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise UserError(f"deepspeed.precision=fp16 is not supported by DeepSpeed's {get_accelerator().device_name()} "
+                        "accelerator; use bf16 or fp32 here")
     if d.precision == "bf16" and stage == 0:
         raise UserError("bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
                         "from fp32; use ds_configs/zero1.json or higher for bf16")

@@ -224,13 +224,16 @@ def test_sigterm_checkpoints_and_stops_then_the_same_command_resumes(manifest, t
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while latest_tag(run_dir / "ckpt") is None and process.poll() is None and time.monotonic() < deadline:
+    while int((latest_tag(run_dir / "ckpt") or "step0")[4:]) < 8 and process.poll() is None \
+            and time.monotonic() < deadline:  # four checkpoints, so that keep_last has pruned one
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert "stopped at step" in stderr and "on signal 15" in stderr, stderr[-3000:]
     stopped_at = int(stderr.split("stopped at step ")[1].split()[0])
-    assert 2 <= stopped_at < 400 and latest_tag(run_dir / "ckpt") == tag_of(stopped_at)
+    assert 8 <= stopped_at < 400 and latest_tag(run_dir / "ckpt") == tag_of(stopped_at)
+    tags = sorted(p.name for p in (run_dir / "ckpt").iterdir() if p.is_dir())
+    assert len(tags) == 3 and tags[-1] == tag_of(stopped_at), "keep_last (3) bounds the checkpoints kept"
     resumed = pretrain(run_dir, manifest, "method=mae", "deepspeed.config=ds_configs/zero1.json",
                        "deepspeed.precision=fp32", f"run.max_steps={stopped_at + 2}", "run.save_every=2")
     assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stderr, resumed.stderr[-3000:]
@@ -267,3 +270,15 @@ def test_deepspeed_launcher_runs_the_same_training(stage_run, manifest, tmp_path
                             env={**os.environ, **TRAIN_ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     assert scalar_values(tmp_path, "loss") == scalar_values(stage_run(0, "mae"), "loss")
+
+
+def test_zero3_with_cpu_offload_trains(manifest, tmp_path):
+    result = pretrain(tmp_path, manifest, "method=mae", "deepspeed.config=ds_configs/zero3_offload.json",
+                      "deepspeed.precision=bf16", "run.max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(math.isfinite(v) for v in scalar_values(tmp_path, "loss"))
+
+
+def test_fp16_without_an_accelerator_that_has_it_is_a_clear_error(manifest, tmp_path):
+    result = pretrain(tmp_path, manifest, "deepspeed.precision=fp16", nproc=1)
+    assert result.returncode == 2 and "deepspeed.precision=fp16 is not supported by DeepSpeed's cpu" in result.stderr
