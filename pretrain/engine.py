@@ -214,8 +214,7 @@ def train(config):
         monitor.step_done()
 
         if step % config.run.log_every == 0 or step == last_step:
-            count = config.run.log_every if step % config.run.log_every == 0 else step % config.run.log_every
-            scalars = {name: value / count for name, value in sums.items()}
+            scalars = {name: value / monitor.window_steps for name, value in sums.items()}
             lrs = [group["lr"] for group in optimizer.param_groups]
             grad_norm = engine.get_global_grad_norm()
             scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
