@@ -14,6 +14,7 @@ from pretrain.errors import UserError
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 METHODS = ("mae", "mocov3")
+GRAFT_RULES = ("none", "list", "split", "ramp", "freeze")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -79,6 +80,22 @@ class OptimConfig:
 
 
 @dataclass
+class GraftConfig:
+    """Layer-grafted pretraining: start the encoder from another run's weights and give the layers
+    learning-rate scales by depth. Layer ids: embeddings 0, block i -> i + 1, everything above depth + 1."""
+
+    init: str = ""  # starting weights: a run directory, an lg-export .pth, or MAE's release ({'model': ...})
+    rule: str = "none"  # none | list | split | ramp | freeze
+    scales: typing.List[float] = field(default_factory=lambda: [0.1, 0.1, 1.0])  # list: spread evenly over blocks
+    split: int = 8  # split / ramp / freeze: blocks 0 .. split-1 (and the embeddings) form the lower part
+    lower_scale: float = 0.1  # split / ramp
+    upper_scale: float = 1.0  # split / ramp / freeze
+    ramp_width: float = 1.0  # ramp: layers over which the scale changes by a factor e^1 of its log-range
+    l1_weight: float = 0.0  # pull toward the starting weights: l1_weight * sum |w - w0| ...
+    l1_to_layer: int = 12  # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
+
+
+@dataclass
 class DeepSpeedConfig:
     config: str = "ds_configs/zero1.json"
     precision: str = "bf16"
@@ -95,6 +112,7 @@ class Config:
     mae: MAEConfig = field(default_factory=MAEConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    graft: GraftConfig = field(default_factory=GraftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self):
@@ -111,6 +129,13 @@ class Config:
             (0 < self.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1]"),
             (0 <= self.moco.momentum < 1, "moco.momentum", "in [0, 1)"),
             (self.moco.temperature > 0, "moco.temperature", "positive"),
+            (self.graft.rule in GRAFT_RULES, "graft.rule", f"one of {', '.join(GRAFT_RULES)}"),
+            (self.graft.rule == "none" or self.optim.layer_decay == 1, "graft.rule",
+             "none when optim.layer_decay is not 1 (one learning-rate rule at a time)"),
+            (bool(self.graft.scales) and min(self.graft.scales) >= 0, "graft.scales", "a non-empty list of scales >= 0"),
+            (self.graft.lower_scale > 0 and self.graft.upper_scale > 0, "graft.lower_scale", "positive (upper too)"),
+            (self.graft.split >= 0 and self.graft.ramp_width > 0, "graft.split", ">= 0 (ramp_width > 0)"),
+            (self.graft.l1_weight >= 0, "graft.l1_weight", ">= 0"),
             (self.data.img_size % self.model.patch == 0, "data.img_size", f"a multiple of the patch size"
              f" {self.model.patch}"),
         ]

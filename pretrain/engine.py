@@ -26,7 +26,7 @@ from pretrain.distributed import rank, world_size
 from pretrain.errors import UserError
 from pretrain.methods import build_objective
 from pretrain.monitor import Monitor, memory_bytes
-from pretrain.param_groups import format_param_groups, objective_param_groups
+from pretrain.param_groups import format_param_groups, layer_span, objective_param_groups
 from pretrain.schedules import cosine_lr_factor
 from pretrain.views import normalize
 
@@ -66,6 +66,8 @@ def deepspeed_config(config, world):
     if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise UserError(f"deepspeed.precision=fp16 is not supported by DeepSpeed's {get_accelerator().device_name()} "
                         "accelerator; use bf16 or fp32 here")
+    if config.graft.l1_weight > 0 and stage == 3:
+        raise UserError("graft.l1_weight needs whole parameters on every rank; use ZeRO stage <= 2 with it")
     if d.precision == "bf16" and stage == 0:
         raise UserError("bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
                         "from fp32; use ds_configs/zero1.json or higher for bf16")
@@ -138,8 +140,8 @@ def train(config):
     global_batch = d.micro_batch_size * d.grad_accum * world
     lr = config.optim.base_lr * global_batch / 256
     optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"]}
-         for g in groups], lr=lr, betas=tuple(config.optim.betas))
+        [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"],
+          "layers": layer_span(g["layer_ids"])} for g in groups], lr=lr, betas=tuple(config.optim.betas))
 
     manifest = Manifest.load(config.data.train)
     steps_per_epoch = max(1, manifest.num_samples // global_batch)
@@ -217,6 +219,7 @@ def train(config):
             scalars = {name: value / monitor.window_steps for name, value in sums.items()}
             lrs = [group["lr"] for group in optimizer.param_groups]
             grad_norm = engine.get_global_grad_norm()
+            scalars.update({f"lr/layers_{group['layers']}": group["lr"] for group in optimizer.param_groups})
             scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
                             "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                             "data/samples_seen": step * global_batch, "data/bad_samples": state["bad_samples"],

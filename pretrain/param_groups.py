@@ -6,6 +6,7 @@ norm, decoders, projectors, predictors) is layer depth + 1. A rule maps a layer 
 parameters with equal (lr_scale, weight decay) share one group, so a uniform rule gives two groups
 whatever the depth (DeepSpeed slows down with many groups).
 """
+import math
 import re
 
 BLOCK = re.compile(r"(?:^|\.)encoder\.blocks\.(\d+)\.")
@@ -32,18 +33,48 @@ def layer_decay_rule(depth, decay):
     return lambda layer: decay ** (depth + 1 - layer)
 
 
+def graft_rule(graft, depth):
+    """lr_scale by layer id for layer-grafted pretraining (config section `graft`).
+
+    * list: the official recipe's list of scales spread evenly over the blocks (depth // len per
+      entry; the embeddings take the first entry, everything above the blocks the last). Its ViT-B
+      run, lr_layer_wise "1.5e-5,1.5e-5,1.5e-4" with --lr 1, is scales [0.1, 0.1, 1.0] on MoCo v3's
+      base_lr 1.5e-4: blocks 0-7 at a tenth of blocks 8-11 and the heads.
+    * split: lower_scale for layer ids 0 .. split (embeddings, blocks 0 .. split-1), upper_scale above.
+    * ramp: the same two scales joined smoothly: a logistic step in log-scale centred between block
+      split-1 and block split, ramp_width layers wide.
+    * freeze: the lower part gets scale 0 (frozen, the paper's first variant), the upper upper_scale.
+    """
+    if graft.rule == "list":
+        scales, per_entry = graft.scales, max(1, depth // len(graft.scales))
+        return lambda layer: scales[0] if layer == 0 else scales[min((layer - 1) // per_entry, len(scales) - 1)] \
+            if layer <= depth else scales[-1]
+    if graft.rule == "split":
+        return lambda layer: graft.lower_scale if layer <= graft.split else graft.upper_scale
+    if graft.rule == "ramp":
+        ratio = math.log(graft.upper_scale / graft.lower_scale)
+        return lambda layer: graft.lower_scale * math.exp(
+            ratio / (1 + math.exp(-(layer - graft.split - 0.5) / graft.ramp_width)))
+    if graft.rule == "freeze":
+        return lambda layer: 0.0 if layer <= graft.split else graft.upper_scale
+    return lambda layer: 1.0
+
+
 def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0):
     """Groups for torch optimizers: dicts with params, weight_decay, lr_scale and layer_ids (sorted).
 
-    Frozen parameters (requires_grad False) are left out.
+    Frozen parameters (requires_grad False) are left out; a layer whose lr_scale is 0 is frozen here.
     """
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         layer = layer_id(name, depth)
-        decay = weight_decay if uses_weight_decay(name, param) else 0.0
         scale = float(lr_scale_of_layer(layer))
+        if scale == 0:
+            param.requires_grad_(False)
+            continue
+        decay = weight_decay if uses_weight_decay(name, param) else 0.0
         group = groups.setdefault((scale, decay), {"params": [], "names": [], "weight_decay": decay,
                                                    "lr_scale": scale, "layer_ids": set()})
         group["params"].append(param)
@@ -55,13 +86,18 @@ def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0
     return ordered
 
 
+def layer_span(layer_ids):
+    """'0-8' for a run of consecutive ids, '3,7' otherwise."""
+    ids = list(layer_ids)
+    consecutive = len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1))
+    return f"{ids[0]}-{ids[-1]}" if consecutive else ",".join(map(str, ids))
+
+
 def format_param_groups(groups):
     """One line per group: layer ids, lr_scale, weight decay, parameter count."""
     lines = [f"{'group':>5}  {'layer ids':<24}{'lr_scale':>10}{'weight_decay':>14}{'params':>14}{'tensors':>9}"]
     for index, group in enumerate(groups):
-        ids = group["layer_ids"]
-        span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1 else \
-            ",".join(map(str, ids))
+        span = layer_span(group["layer_ids"])
         count = sum(getattr(p, "ds_numel", p.numel()) for p in group["params"])
         lines.append(f"{index:>5}  {span:<24}{group['lr_scale']:>10.4g}{group['weight_decay']:>14.4g}"
                      f"{count:>14,}{len(group['params']):>9}")
@@ -69,6 +105,8 @@ def format_param_groups(groups):
 
 
 def objective_param_groups(objective, config):
-    """The groups of a training run: layer decay from config.optim (1.0 = every layer alike)."""
+    """The groups of a training run: the graft rule, or layer decay from config.optim (1.0 = every layer alike)."""
     depth = len(objective.encoder.blocks)
-    return param_groups(objective, depth, config.optim.weight_decay, layer_decay_rule(depth, config.optim.layer_decay))
+    rule = graft_rule(config.graft, depth) if config.graft.rule != "none" else \
+        layer_decay_rule(depth, config.optim.layer_decay)
+    return param_groups(objective, depth, config.optim.weight_decay, rule)

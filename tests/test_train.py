@@ -41,7 +41,8 @@ def test_config_file_errors_name_the_file(tmp_path):
     assert load_config(REPO / "configs" / "demo.yaml", ["optim.base_lr=1e-4"]).optim.base_lr == 1e-4
 
 
-@pytest.mark.parametrize("name", ["demo", "mae_vit_l", "mae_vit_h", "mocov3_vit_l"])
+@pytest.mark.parametrize("name", ["demo", "mae_vit_l", "mae_vit_h", "mocov3_vit_l", "graft_mim2cl_vit_b",
+                                  "graft_mim2cl_vit_l", "graft_cl2mim_vit_b", "graft_demo"])
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert (REPO / config.deepspeed.config).is_file()

@@ -1,13 +1,26 @@
 """Self-supervised objectives. Each is an `Objective` built from the config; the engine knows no method."""
+from pretrain.grafting import L1Pull, load_start_weights
 from pretrain.methods.base import Objective
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
+from pretrain.param_groups import layer_id
 
 OBJECTIVES = {"mae": MAE, "mocov3": MoCoV3}
 
 
 def build_objective(config):
-    return OBJECTIVES[config.method].from_config(config)
+    """The method of `config`, with grafting's starting weights and L1 pull when configured."""
+    objective = OBJECTIVES[config.method].from_config(config)
+    graft = config.graft
+    if graft.init:
+        load_start_weights(objective.encoder, graft.init)
+        objective.on_encoder_loaded()
+    if graft.l1_weight > 0:
+        depth = len(objective.encoder.blocks)
+        pulled = [(name, p) for name, p in objective.named_parameters()
+                  if p.requires_grad and layer_id(name, depth) <= graft.l1_to_layer]
+        objective.l1_pull = L1Pull(pulled, graft.l1_weight)
+    return objective
 
 
 __all__ = ["Objective", "OBJECTIVES", "build_objective"]

@@ -13,10 +13,26 @@ class Objective(nn.Module):
     * `extra_state()` / `load_extra_state(state)`: what the checkpoint must hold besides the engine's
       module and optimizer (say, a momentum encoder kept outside the engine).
     * `images_to_log(images)`: an optional (N, 3, H, W) grid source for TensorBoard, or None.
+    * `on_encoder_loaded()`: called after starting weights were copied into `encoder` (grafting).
+    * `l1_pull`: an optional `pretrain.grafting.L1Pull`; `regularized(outputs)` adds it to the loss.
     """
 
     view = "eval"
     encoder: nn.Module
+
+    def __init__(self):
+        super().__init__()
+        self.l1_pull = None  # an instance attribute: a class attribute would hide the registered module
+
+    def regularized(self, outputs):
+        if self.l1_pull is not None:
+            pull = self.l1_pull()
+            outputs["loss"] = outputs["loss"] + pull
+            outputs["loss_l1_pull"] = pull.detach()
+        return outputs
+
+    def on_encoder_loaded(self):
+        pass
 
     def after_step(self, step, total_steps):
         pass

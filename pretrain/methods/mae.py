@@ -101,7 +101,7 @@ class MAE(Objective):
         pred = self.forward_decoder(latent, ids_restore)
         per_patch = ((pred.float() - self.target(images)) ** 2).mean(dim=-1)
         loss = (per_patch * mask).sum() / mask.sum()
-        return {"loss": loss}
+        return self.regularized({"loss": loss})
 
     @torch.no_grad()
     def images_to_log(self, images, count=4):

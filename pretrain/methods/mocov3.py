@@ -83,8 +83,12 @@ class MoCoV3(Objective):
         k1, k2 = self.keys(first), self.keys(second)
         loss_12, pos_12, neg_12 = self.contrastive_loss(q1, k2)
         loss_21, pos_21, neg_21 = self.contrastive_loss(q2, k1)
-        return {"loss": loss_12 + loss_21, "logit_positive": (pos_12 + pos_21) / 2,
-                "logit_negative": (neg_12 + neg_21) / 2, "momentum": torch.tensor(self.momentum)}
+        return self.regularized({"loss": loss_12 + loss_21, "logit_positive": (pos_12 + pos_21) / 2,
+                                 "logit_negative": (neg_12 + neg_21) / 2, "momentum": torch.tensor(self.momentum)})
+
+    def on_encoder_loaded(self):
+        """Starting weights go into the momentum branch too (as the grafting recipe does)."""
+        self.momentum_branch["encoder"].load_state_dict(self.encoder.state_dict())
 
     @torch.no_grad()
     def after_step(self, step, total_steps):

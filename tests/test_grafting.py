@@ -1,0 +1,104 @@
+"""Layer-grafted pretraining in one process: lr rules, starting weights (MAE's release format), L1 pull."""
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.engine import deepspeed_config
+from pretrain.errors import UserError
+from pretrain.methods import build_objective
+from pretrain.param_groups import graft_rule, objective_param_groups
+from tests.test_train import TINY
+
+
+def rule(name, depth=12, *overrides):
+    return graft_rule(load_config(None, [f"graft.rule={name}", *overrides]).graft, depth)
+
+
+def test_list_rule_spreads_the_official_scales_evenly_over_the_blocks():
+    scales = [rule("list")(layer) for layer in range(14)]
+    assert scales == [0.1] * 9 + [1.0] * 5  # embeddings + blocks 0-7 | blocks 8-11 + heads
+    large = [rule("list", 24)(layer) for layer in range(26)]
+    assert large == [0.1] * 17 + [1.0] * 9  # ViT-L: blocks 0-15 | 16-23 + heads
+    uneven = [rule("list", 12, "graft.scales=[0.2, 0.5, 1.0, 2.0, 3.0]")(layer) for layer in range(14)]
+    assert uneven[0] == 0.2 and uneven[-1] == 3.0 and uneven == sorted(uneven)
+
+
+def test_split_ramp_and_freeze_rules():
+    assert [rule("split", 12, "graft.split=4")(layer) for layer in (0, 4, 5, 13)] == [0.1, 0.1, 1.0, 1.0]
+    ramp = [rule("ramp")(layer) for layer in range(14)]
+    assert ramp == sorted(ramp) and ramp[0] == pytest.approx(0.1, rel=1e-3) and ramp[-1] == pytest.approx(1.0, rel=0.05)
+    assert ramp[8] < 0.1 ** 0.5 < ramp[9], "the ramp crosses the geometric mean between block 7 and block 8"
+    assert [rule("freeze")(layer) for layer in (0, 8, 9, 13)] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_freeze_leaves_the_lower_layers_out_of_the_optimizer():
+    config = load_config(None, ["method=mocov3", *TINY, "graft.rule=freeze", "graft.split=6"])
+    objective = build_objective(config)
+    groups = objective_param_groups(objective, config)
+    trained = {n for g in groups for n in g["names"]}
+    assert not any(n.startswith(("encoder.blocks.0.", "encoder.blocks.5.", "encoder.cls_token")) for n in trained)
+    assert any(n.startswith("encoder.blocks.6.") for n in trained)
+    assert not objective.encoder.blocks[0].attn.qkv.weight.requires_grad
+
+
+def mae_release_file(path, arch_overrides=(), drop=None):
+    """A checkpoint in MAE's release layout: {'model': state_dict} with timm names, decoder keys included."""
+    config = load_config(None, ["method=mae", *TINY, *arch_overrides])
+    torch.manual_seed(7)
+    mae = build_objective(config)
+    state = {name.replace("encoder.", "", 1): tensor for name, tensor in mae.state_dict().items()}
+    if drop:
+        del state[drop]
+    torch.save({"model": state}, path)
+    return state
+
+
+def test_mae_release_format_initializes_both_moco_encoders(tmp_path):
+    state = mae_release_file(tmp_path / "mae_pretrain.pth")
+    assert "decoder_embed.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
+    moco = build_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'mae_pretrain.pth'}"]))
+    for name, tensor in moco.encoder.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+        assert torch.equal(moco.momentum_branch["encoder"].state_dict()[name], state[name]), name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other_arch", "cls_token has shape (1, 1, 384), this encoder needs (1, 1, 192)"),
+    ("missing", "has no 'blocks.3.attn.qkv.weight'"),
+    ("nowhere", "does not exist"),
+])
+def test_a_mismatched_start_is_a_clear_error(tmp_path, case, message):
+    path = tmp_path / "start.pth"
+    if case == "other_arch":
+        mae_release_file(path, ["model.arch=vit_small"])
+    elif case == "missing":
+        mae_release_file(path, drop="blocks.3.attn.qkv.weight")
+    else:
+        path = tmp_path / "nowhere.pth"
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={path}"]))
+
+
+def test_l1_pull_measures_the_distance_of_the_lower_layers(tmp_path):
+    mae_release_file(tmp_path / "start.pth")
+    config = load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'start.pth'}",
+                                "graft.l1_weight=0.5", "graft.l1_to_layer=2"])
+    moco = build_objective(config)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    assert moco(views)["loss_l1_pull"] == 0
+    with torch.no_grad():
+        moco.encoder.blocks[1].attn.qkv.weight.add_(0.01)  # layer 2: pulled
+        moco.encoder.blocks[2].attn.qkv.weight.add_(1.0)  # layer 3: not pulled
+    expected = 0.5 * 0.01 * moco.encoder.blocks[1].attn.qkv.weight.numel()
+    assert moco(views)["loss_l1_pull"].item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_l1_pull_is_refused_under_zero3():
+    config = load_config(None, ["graft.l1_weight=1e-5", "deepspeed.config=ds_configs/zero3.json"])
+    with pytest.raises(UserError, match="graft.l1_weight needs whole parameters"):
+        deepspeed_config(config, 2)
+
+
+def test_graft_and_layer_decay_are_exclusive():
+    with pytest.raises(UserError, match="graft.rule"):
+        load_config(None, ["graft.rule=list", "optim.layer_decay=0.75"])
