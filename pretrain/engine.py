@@ -139,9 +139,13 @@ def train(config):
     d = config.deepspeed
     global_batch = d.micro_batch_size * d.grad_accum * world
     lr = config.optim.base_lr * global_batch / 256
+    layers_of_scale = {}  # TensorBoard logs one learning rate per lr_scale, named by its layers
+    for g in groups:
+        layers_of_scale.setdefault(g["lr_scale"], set()).update(g["layer_ids"])
     optimizer = torch.optim.AdamW(
         [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"],
-          "layers": layer_span(g["layer_ids"])} for g in groups], lr=lr, betas=tuple(config.optim.betas))
+          "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]]))} for g in groups],
+        lr=lr, betas=tuple(config.optim.betas))
 
     manifest = Manifest.load(config.data.train)
     steps_per_epoch = max(1, manifest.num_samples // global_batch)
