@@ -4,8 +4,9 @@
 
 Steps: write the demo data set -> shard train and val -> verify the shards -> read them back through
 the training loader (resampled, MAE view) and the evaluation loader (epoch mode) -> pretrain a ViT-Tiny
-with MAE on 2 processes (DeepSpeed ZeRO-1 on gloo, configs/demo.yaml) -> export the encoder as a timm
-state_dict -> say where the TensorBoard logs are. Every step is idempotent: a second run reuses what
+with MAE on 2 processes (DeepSpeed ZeRO-1 on gloo, configs/demo.yaml) -> continue it with layer-grafted
+MoCo v3 (configs/graft_demo.yaml: the MAE weights in both encoders, blocks 0-7 at a tenth of the
+learning rate) -> export both encoders as timm state_dicts -> say where the TensorBoard logs are. Every step is idempotent: a second run reuses what
 the first one wrote, and the training resumes from its last checkpoint.
 """
 import argparse
@@ -36,11 +37,11 @@ def read_back(manifest, batch_size, **options):
     return loader.num_batches(0), samples, labels, loader.bad_samples, shapes, time.perf_counter() - started
 
 
-def pretrain(run_dir, train_manifest, processes):
-    """Run lg-pretrain with configs/demo.yaml on `processes` CPU processes, echoing its progress lines."""
+def pretrain(config, run_dir, train_manifest, processes, *overrides):
+    """Run lg-pretrain with `config` on `processes` CPU processes, echoing its progress lines."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
-    command = [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / "demo.yaml"),
-               f"run.dir={run_dir}", f"data.train={train_manifest}"]
+    command = [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / config),
+               f"run.dir={run_dir}", f"data.train={train_manifest}", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,15 +83,18 @@ def main(argv=None):
         print(f"{split:5s} {options['mode']:9s} view={options['view']:4s} {batches} batches, {samples} samples, "
               f"images {sorted(shapes)} uint8, bad samples {bad}, {samples / seconds:.0f} img/s\n"
               f"      labels {histogram}")
-    run_dir = args.workdir / "mae"
-    print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {run_dir}")
-    pretrain(run_dir, shards / "train.json", args.processes)
-    print("== 6. export the encoder")
-    kwargs = export.export(run_dir, run_dir / "encoder.pth")
-    print(f"wrote {run_dir / 'encoder.pth'} (timm.create_model({kwargs['model_name']!r}, num_classes=0, "
-          f"img_size={kwargs['img_size']}, patch_size={kwargs['patch_size']}) loads it strictly)")
+    mae_dir, graft_dir = args.workdir / "mae", args.workdir / "graft"
+    print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {mae_dir}")
+    pretrain("demo.yaml", mae_dir, shards / "train.json", args.processes)
+    print(f"== 6. grafted MoCo v3 from the MAE weights, lower blocks at 0.1x the lr -> {graft_dir}")
+    pretrain("graft_demo.yaml", graft_dir, shards / "train.json", args.processes, f"graft.init={mae_dir}")
+    print("== 7. export the encoders")
+    for run_dir in (mae_dir, graft_dir):
+        kwargs = export.export(run_dir, run_dir / "encoder.pth")
+        print(f"wrote {run_dir / 'encoder.pth'} (timm.create_model({kwargs['model_name']!r}, num_classes=0, "
+              f"img_size={kwargs['img_size']}, patch_size={kwargs['patch_size']}) loads it strictly)")
     print(f"demo finished; everything is under {args.workdir}\n"
-          f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"TensorBoard: tensorboard --logdir {args.workdir}  (runs mae/tb and graft/tb)")
     return 0
 
 

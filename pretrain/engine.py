@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from data_prep.manifest import Manifest
 from pretrain import checkpoint
-from pretrain.config import dump_config, to_dict
+from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import make_loader, mix_seed
 from pretrain.distributed import rank, world_size
 from pretrain.errors import UserError
@@ -86,8 +86,9 @@ def check_resumable(saved, config, world):
         raise UserError(f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
                         "resume with the same world size (ZeRO partitions are per rank)")
     current, before = _flatten(to_dict(config)), _flatten(saved["config"])
-    changed = [k for k in sorted(set(current) | set(before)) if current.get(k) != before.get(k)
-               and k not in RESUMABLE_CHANGES]
+    # A key the checkpoint does not know was added to the config later: it changes nothing at its default.
+    before = {**{k: v for k, v in _flatten(to_dict(Config())).items() if k not in before}, **before}
+    changed = [k for k in sorted(current) if current[k] != before.get(k, current[k]) and k not in RESUMABLE_CHANGES]
     if changed:
         details = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
         raise UserError(f"the config differs from the checkpoint's ({details}); use a new run.dir to start over")
@@ -170,7 +171,8 @@ def train(config):
         saved = checkpoint.load(engine, ckpt_dir)
         objective.load_extra_state(saved["objective"])
         state.update(step=saved["step"], bad_samples=saved["bad_samples"])
-        log.info("resumed %s at step %d", ckpt_dir / checkpoint.latest_tag(ckpt_dir), state["step"])
+        if is_main:
+            log.info("resumed %s at step %d", ckpt_dir / checkpoint.latest_tag(ckpt_dir), state["step"])
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))

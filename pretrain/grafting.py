@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.distributed import rank
 from pretrain.errors import UserError
 
 log = logging.getLogger("lg-pretrain")
@@ -62,8 +63,9 @@ def load_start_weights(encoder, source):
                             f"needs {tuple(tensor.shape)} (check model.arch, model.patch_size and data.img_size)")
     encoder.load_state_dict({name: state[name] for name in expected}, strict=True)
     ignored = sorted(set(state) - set(expected))
-    log.info("encoder initialized from %s (%d tensors; %d others ignored, e.g. %s)", source, len(expected),
-             len(ignored), ", ".join(ignored[:3]) or "none")
+    if rank() == 0:
+            log.info("encoder initialized from %s (%d tensors; %d others ignored%s)", source, len(expected),
+                 len(ignored), f", e.g. {', '.join(ignored[:3])}" if ignored else "")
     return len(ignored)
 
 

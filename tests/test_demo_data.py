@@ -4,7 +4,7 @@ import timm
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, run_cli, scalar_values, write_file
+from tests.conftest import REPO, run_cli, scalar_values, tensorboard, write_file
 
 
 def test_demo_data_is_a_32px_rgb_imagefolder_of_all_digits(demo_images):
@@ -44,12 +44,16 @@ def test_demo_runs_end_to_end_and_again(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     assert "train resampled view=mae  22 batches, 1408 samples" in first.stdout
     assert "val   epoch     view=eval 7 batches, 359 samples" in first.stdout
-    run_dir = tmp_path / "demo" / "mae"
-    assert f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}" in first.stdout
+    run_dir, graft_dir = tmp_path / "demo" / "mae", tmp_path / "demo" / "graft"
+    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'demo'}" in first.stdout
     losses = scalar_values(run_dir, "loss")
     assert len(losses) == 22 and losses[-1] < 0.7 * losses[0], losses
-    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4)
-    encoder.load_state_dict(torch.load(run_dir / "encoder.pth"), strict=True)
+    assert f"encoder initialized from {run_dir}" in first.stdout
+    graft_lrs = {tag for tag in tensorboard(graft_dir).Tags()["scalars"] if tag.startswith("lr/layers_")}
+    assert graft_lrs == {"lr/layers_0-8", "lr/layers_9-13"}
+    for directory in (run_dir, graft_dir):
+        encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4)
+        encoder.load_state_dict(torch.load(directory / "encoder.pth"), strict=True)
     second = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=900)
     assert second.returncode == 0 and "already complete" in second.stdout
     assert "resumed" in second.stdout and "step 220/220" not in second.stdout

@@ -163,3 +163,15 @@ def test_block_checkpointing_keeps_names_and_gradients():
         model(images)["loss"].backward()
     assert torch.allclose(plain.encoder.blocks[0].attn.qkv.weight.grad,
                           checkpointed.encoder.blocks[0].attn.qkv.weight.grad, atol=1e-6)
+
+
+def test_resuming_accepts_keys_added_to_the_config_later():
+    from pretrain.config import to_dict
+    from pretrain.engine import check_resumable
+
+    config = load_config(None, TINY)
+    saved = to_dict(config)
+    del saved["graft"]  # a checkpoint from before the graft section existed
+    check_resumable({"world_size": 2, "config": saved}, config, 2)
+    with pytest.raises(UserError, match="graft.rule: 'none' -> 'list'"):
+        check_resumable({"world_size": 2, "config": saved}, load_config(None, [*TINY, "graft.rule=list"]), 2)
