@@ -102,3 +102,15 @@ def test_l1_pull_is_refused_under_zero3():
 def test_graft_and_layer_decay_are_exclusive():
     with pytest.raises(UserError, match="graft.rule"):
         load_config(None, ["graft.rule=list", "optim.layer_decay=0.75"])
+
+
+def test_cl_to_mim_starts_mae_from_a_moco_style_checkpoint(tmp_path):
+    """The reverse order: MAE from a MoCo v3 file (`state_dict` with `module.base_encoder.` names)."""
+    torch.manual_seed(3)
+    moco = build_objective(load_config(None, ["method=mocov3", *TINY]))
+    wrapped = {f"module.base_encoder.{name}": tensor for name, tensor in moco.encoder.state_dict().items()}
+    wrapped.update({f"module.predictor.{name}": tensor for name, tensor in moco.predictor.state_dict().items()})
+    torch.save({"state_dict": wrapped, "epoch": 300}, tmp_path / "moco.pth.tar")
+    mae = build_objective(load_config(None, ["method=mae", *TINY, f"graft.init={tmp_path / 'moco.pth.tar'}"]))
+    for name, tensor in moco.encoder.state_dict().items():
+        assert torch.equal(mae.encoder.state_dict()[name], tensor), name
