@@ -13,8 +13,8 @@ import yaml
 from pretrain.errors import UserError
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
-METHODS = ("mae", "mocov3")
-GRAFT_RULES = ("none", "list", "split", "ramp", "freeze")
+METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim")
+GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -27,6 +27,7 @@ class RunConfig:
     save_every: int = 1000  # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     keep_last: int = 3  # checkpoints kept
     max_steps: int = 0  # stop after this many steps in total (0: run the whole schedule)
+    diagnostics_every: int = 100  # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
 
 
 @dataclass
@@ -68,6 +69,58 @@ class MoCoConfig:
 
 
 @dataclass
+class HybridConfig:
+    weight: float = 0.5  # lambda in L = (1 - lambda) L_MIM + lambda L_CL
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.1
+    mlp_dim: int = 2048  # projector: encoder -> mlp_dim -> out_dim, BatchNorm between
+    out_dim: int = 128
+
+
+@dataclass
+class BYOLConfig:
+    mlp_dim: int = 4096  # projector and predictor: 2 layers, mlp_dim hidden
+    out_dim: int = 256
+    momentum: float = 0.996  # start of the cosine schedule to 1
+
+
+@dataclass
+class SimSiamConfig:
+    dim: int = 2048  # projector: 3 layers of dim, BatchNorm after each
+    pred_dim: int = 512  # predictor bottleneck
+
+
+@dataclass
+class SimMIMConfig:
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 32  # pixels; masked squares are this size (a multiple of the patch size)
+
+
+@dataclass
+class CMAEConfig:
+    """CMAE on top of the `mae` section (pixel decoder, mask ratio: CMAE's configs set 0.65)."""
+
+    feature_decoder_dim: int = 512
+    feature_decoder_depth: int = 2
+    mlp_dim: int = 1536  # projector encoder -> 1536 -> 256, predictor 256 -> 1536 -> 256
+    out_dim: int = 256
+    temperature: float = 0.07
+    momentum: float = 0.996  # constant
+    contrast_weight: float = 1.0  # lambda_c
+
+
+@dataclass
+class ConMIMConfig:
+    mask_ratio: float = 0.75
+    mask_patch_size: int = 32  # pixels, as SimMIM
+    temperature: float = 0.1  # of the patch-level InfoNCE (our choice: not in the seed notes)
+    momentum: float = 0.996  # slow encoder, constant (our choice: not in the seed notes)
+
+
+@dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr x global batch / 256
     min_lr: float = 0.0
@@ -85,7 +138,7 @@ class GraftConfig:
     learning-rate scales by depth. Layer ids: embeddings 0, block i -> i + 1, everything above depth + 1."""
 
     init: str = ""  # starting weights: a run directory, an lg-export .pth, or MAE's release ({'model': ...})
-    rule: str = "none"  # none | list | split | ramp | freeze
+    rule: str = "none"  # none | list | split | ramp | freeze | auto (split chosen from measurements)
     scales: typing.List[float] = field(default_factory=lambda: [0.1, 0.1, 1.0])  # list: spread evenly over blocks
     split: int = 8  # split / ramp / freeze: blocks 0 .. split-1 (and the embeddings) form the lower part
     lower_scale: float = 0.1  # split / ramp
@@ -93,6 +146,11 @@ class GraftConfig:
     ramp_width: float = 1.0  # ramp: layers over which the scale changes by a factor e^1 of its log-range
     l1_weight: float = 0.0  # pull toward the starting weights: l1_weight * sum |w - w0| ...
     l1_to_layer: int = 12  # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
+    # auto: split from the measured per-block MIM-vs-CL gradient cosine (pretrain/auto_split.py)
+    auto_from: str = ""  # a hybrid run whose logged cosines decide; empty: probe first (RUN_DIR/graft_probe)
+    probe_steps: int = 300  # hybrid steps of the probe, from graft.init
+    probe_every: int = 25  # steps between its measurements
+    auto_threshold: float = 0.0  # cosine below which a block counts as conflicting
 
 
 @dataclass
@@ -111,6 +169,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+    cmae: CMAEConfig = field(default_factory=CMAEConfig)
+    conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     graft: GraftConfig = field(default_factory=GraftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -129,6 +194,18 @@ class Config:
             (0 < self.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1]"),
             (0 <= self.moco.momentum < 1, "moco.momentum", "in [0, 1)"),
             (self.moco.temperature > 0, "moco.temperature", "positive"),
+            (0 <= self.hybrid.weight <= 1, "hybrid.weight", "in [0, 1]"),
+            (0 < self.simmim.mask_ratio < 1, "simmim.mask_ratio", "between 0 and 1"),
+            (0 < self.conmim.mask_ratio < 1, "conmim.mask_ratio", "between 0 and 1"),
+            (self.method != "simmim" or self._divides_grid(self.simmim.mask_patch_size), "simmim.mask_patch_size",
+             f"a multiple of the patch size {self.model.patch} that divides data.img_size"),
+            (self.method != "conmim" or self._divides_grid(self.conmim.mask_patch_size), "conmim.mask_patch_size",
+             f"a multiple of the patch size {self.model.patch} that divides data.img_size"),
+            (0 <= self.byol.momentum < 1 and 0 <= self.cmae.momentum < 1 and 0 <= self.conmim.momentum < 1,
+             "byol.momentum", "in [0, 1) (cmae.momentum and conmim.momentum too)"),
+            (min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
+             "simclr.temperature", "positive (cmae.temperature and conmim.temperature too)"),
+            (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
             (self.graft.rule in GRAFT_RULES, "graft.rule", f"one of {', '.join(GRAFT_RULES)}"),
             (self.graft.rule == "none" or self.optim.layer_decay == 1, "graft.rule",
              "none when optim.layer_decay is not 1 (one learning-rate rule at a time)"),
@@ -136,6 +213,9 @@ class Config:
             (self.graft.lower_scale > 0 and self.graft.upper_scale > 0, "graft.lower_scale", "positive (upper too)"),
             (self.graft.split >= 0 and self.graft.ramp_width > 0, "graft.split", ">= 0 (ramp_width > 0)"),
             (self.graft.l1_weight >= 0, "graft.l1_weight", ">= 0"),
+            (self.graft.rule != "auto" or bool(self.graft.init or self.graft.auto_from), "graft.rule",
+             "auto only with graft.init (the probe starts from those weights) or graft.auto_from"),
+            (self.graft.probe_steps > 0 and self.graft.probe_every > 0, "graft.probe_steps", "positive (probe_every too)"),
             (self.data.img_size % self.model.patch == 0, "data.img_size", f"a multiple of the patch size"
              f" {self.model.patch}"),
         ]
@@ -147,6 +227,9 @@ class Config:
             if not ok:
                 raise UserError(f"config key {key} = {get_key(self, key)!r} must be {expected}")
         return self
+
+    def _divides_grid(self, mask_patch):
+        return mask_patch > 0 and mask_patch % self.model.patch == 0 and self.data.img_size % mask_patch == 0
 
 
 def get_key(config, dotted):

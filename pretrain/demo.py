@@ -37,7 +37,7 @@ def read_back(manifest, batch_size, **options):
     return loader.num_batches(0), samples, labels, loader.bad_samples, shapes, time.perf_counter() - started
 
 
-def pretrain(config, run_dir, train_manifest, processes, *overrides):
+def pretrain(config, run_dir, train_manifest, processes, *overrides, echo=True):
     """Run lg-pretrain with `config` on `processes` CPU processes, echoing its progress lines."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     command = [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / config),
@@ -50,20 +50,15 @@ def pretrain(config, run_dir, train_manifest, processes, *overrides):
                                    stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
             log_file.write(line)
-            if "lg-pretrain" in line:
+            if echo and "lg-pretrain" in line:
                 print("      " + line.rstrip().split(" lg-pretrain: ", 1)[-1], flush=True)
     if process.wait() != 0:
         raise UserError(f"pretraining failed (exit code {process.returncode}); see {run_dir / 'train.log'}")
 
 
-@cli_entry("lg-demo")
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="lg-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--processes", type=int, default=2, help="training processes (default 2)")
-    args = parser.parse_args(argv)
-    images, shards = args.workdir / "digits", args.workdir / "shards"
-
+def prepare_data(workdir):
+    """Steps 1-3: the embedded data set, sharded and verified; returns the shard directory."""
+    images, shards = workdir / "digits", workdir / "shards"
     print("== 1. embedded data set ->", images)
     demo_data.main([str(images)])
     for split in ("train", "val"):
@@ -73,6 +68,16 @@ def main(argv=None):
         print(f"== 3. verify {split}")
         if verify.main([str(shards), "--split", split, "--workers", "2"]) != 0:
             raise UserError(f"lg-verify found problems in {shards}")
+    return shards
+
+
+@cli_entry("lg-demo")
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="lg-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--processes", type=int, default=2, help="training processes (default 2)")
+    args = parser.parse_args(argv)
+    shards = prepare_data(args.workdir)
 
     print("== 4. read back through the loaders")
     for split, options in (("train", dict(view="mae", mode="resampled", rank=0, world_size=1)),

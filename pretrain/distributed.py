@@ -48,3 +48,29 @@ def gathered(params):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over ranks and keeps this
+    rank's slice: the exact gradient of a loss that every rank computes on the whole gathered batch.
+    (torch.distributed.nn's all_gather needs reduce_scatter, which gloo lacks; all_reduce it has.)"""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.size = len(tensor)
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.size:(rank() + 1) * ctx.size]
+
+
+def all_gather_with_grad(tensor):
+    """Concatenate `tensor` from every rank along dim 0, with gradients flowing back to each rank's part."""
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    return _AllGather.apply(tensor)

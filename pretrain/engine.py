@@ -19,11 +19,12 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from data_prep.manifest import Manifest
-from pretrain import checkpoint
+from pretrain import auto_split, checkpoint
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import make_loader, mix_seed
 from pretrain.distributed import rank, world_size
 from pretrain.errors import UserError
+from pretrain.grad_conflict import plot_cosines
 from pretrain.methods import build_objective
 from pretrain.monitor import Monitor, memory_bytes
 from pretrain.param_groups import format_param_groups, layer_span, objective_param_groups
@@ -134,6 +135,12 @@ def train(config):
     run_dir, ckpt_dir = Path(config.run.dir), Path(config.run.dir) / "ckpt"
     stop = StopFlag()
 
+    auto_curve = None
+    if config.graft.rule == "auto":  # decide the split first (may run the probe, a hybrid run of its own)
+        auto_curve, signum = auto_split.resolve(config, train)
+        if signum:
+            return 0, signum
+
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank, in every run
     objective = build_objective(config)
     groups = objective_param_groups(objective, config)
@@ -181,6 +188,11 @@ def train(config):
                  global_batch, lr, total_steps, steps_per_epoch, warmup_steps, format_param_groups(groups))
     monitor = Monitor(run_dir, is_main, total_steps, global_batch)
     monitor.config(dump_config(config))
+    if auto_curve:
+        cosines = auto_curve["cosines"]
+        monitor.extra(0, {"graft/auto_split": auto_curve["split"],
+                          **{f"graft/probe_cosine/block_{i:02d}": c for i, c in enumerate(cosines)}},
+                      {"graft/probe_cosines": plot_cosines(cosines, split=auto_curve["split"])})
 
     def save(step):
         client_state = {"step": step, "bad_samples": state["bad_samples"], "objective": objective.extra_state()}
@@ -198,10 +210,13 @@ def train(config):
             batches = loader.epoch(epoch, step_in_epoch * d.grad_accum)
         for micro in range(d.grad_accum):
             batch = next(batches)
-            torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
             images = batch["images"]
             images = [normalize(v, device).to(dtype) for v in images] if isinstance(images, list) \
                 else normalize(images, device).to(dtype)
+            if micro == 0 and config.run.diagnostics_every and step % config.run.diagnostics_every == 0:
+                torch.manual_seed(mix_seed(config.run.seed, rank(), step, -1))
+                monitor.extra(step, *objective.diagnostics(images))
+            torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
             outputs = engine(images)
             # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
             # so that every rank takes the same decision at the same step.
@@ -233,8 +248,7 @@ def train(config):
             monitor.report(step, scalars)
             sums = {}
         if config.run.image_every and step % config.run.image_every == 0:
-            first = images[0] if isinstance(images, list) else images
-            monitor.images(step, "reconstruction", objective.images_to_log(first))
+            monitor.images(step, "reconstruction", objective.images_to_log(images))
         stopped_by = (stop.signum or signal.SIGTERM) if status[2] > 0 else 0
         if step % config.run.save_every == 0 or step == last_step or stopped_by:
             save(step)

@@ -67,6 +67,15 @@ def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
     return nn.Sequential(*layers)
 
 
+def sync_batchnorm(module):
+    """BatchNorm statistics over the global batch where torch supports it (CUDA); per rank on CPU."""
+    from pretrain.distributed import world_size
+
+    if torch.cuda.is_available() and world_size() > 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
 def patchify(images, patch_size):
     """(N, C, H, W) -> (N, L, patch_size**2 * C), patches in row-major order, pixels as (p, q, c)."""
     n, c, h, w = images.shape
@@ -80,3 +89,36 @@ def unpatchify(patches, patch_size, channels=3):
     side = int(length ** 0.5)
     x = patches.reshape(n, side, side, patch_size, patch_size, channels)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, side * patch_size, side * patch_size)
+
+
+def use_encoder_tokens(method, encoder):
+    """Declare that `method` reads the encoder's class token and position embedding in its own forward.
+
+    ZeRO-3 gathers a module's own parameters around that module's forward. Methods that run the encoder
+    piece by piece (MAE's visible-patch encoder, SimMIM's mask tokens) read those two outside the
+    encoder's forward; registered here, ZeRO-3 gathers them for the method's forward too.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    register_external_parameter(method, encoder.cls_token)
+    register_external_parameter(method, encoder.pos_embed)
+
+
+def encode_with_mask_tokens(encoder, images, mask, mask_token):
+    """SimMIM's encoder pass: every position is encoded, the patch embeddings of masked positions
+    (mask = 1) replaced by `mask_token`. Returns the normalized tokens, the class token first."""
+    x = encoder.patch_embed(images)
+    weight = mask.unsqueeze(-1).to(x.dtype)
+    x = x * (1 - weight) + mask_token.to(x.dtype) * weight
+    x = encoder._pos_embed(x)  # class token, position embedding (and timm's position dropout)
+    return encoder.norm(encoder.blocks(encoder.norm_pre(x)))
+
+
+def block_mask(batch, grid_size, mask_patch, ratio, device=None):
+    """SimMIM's random masking in squares of `mask_patch` x `mask_patch` tokens: exactly
+    round(ratio x squares) squares per sample. Returns (batch, H*W) floats, 1 = masked."""
+    rows, cols = grid_size[0] // mask_patch, grid_size[1] // mask_patch
+    squares = rows * cols
+    ranks = torch.rand(batch, squares, device=device).argsort(dim=1).argsort(dim=1)
+    masked = (ranks < round(ratio * squares)).float().view(batch, rows, 1, cols, 1)
+    return masked.expand(-1, -1, mask_patch, -1, mask_patch).reshape(batch, grid_size[0] * grid_size[1])

@@ -47,6 +47,14 @@ class Monitor:
         log.info("step %d/%d  loss %.4f  lr %.3g  %.0f img/s  eta %s", step, self.total_steps, scalars["loss"],
                  scalars["lr/last_group"], scalars["perf/images_per_s"], _duration(eta))
 
+    def extra(self, step, scalars, pictures):
+        """A method's diagnostics: scalars, and single images (uint8 CHW)."""
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            for name, picture in pictures.items():
+                self.writer.add_image(name, picture, step)
+
     def images(self, step, tag, images):
         if self.writer and images is not None:
             from torchvision.utils import make_grid

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from pretrain.config import load_config
-from pretrain.errors import cli_entry
+from pretrain.errors import UserError, cli_entry
 
 log = logging.getLogger("lg-pretrain")
 
@@ -32,14 +32,22 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.print_param_groups:
         from pretrain.methods import build_objective
+
+        if config.graft.rule == "auto":
+            from pretrain import auto_split
+
+            if not config.graft.auto_from:
+                raise UserError("graft.rule=auto without graft.auto_from decides the split in a probe run; "
+                                "give graft.auto_from=RUN to print the groups it would choose")
+            auto_split.resolve(config, train=None)
         from pretrain.param_groups import format_param_groups, objective_param_groups
 
         print(format_param_groups(objective_param_groups(build_objective(config), config)))
         return 0
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from pretrain.distributed import default_env_for_single_process
     from pretrain.engine import TrainingDiverged, train
 

@@ -83,27 +83,109 @@ class PILGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def byol_view(img_size, min_scale=0.08):
+def photometric(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
+    """Colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur and solarize on a uint8 tensor, run on
+    PIL, which is faster at hue and blur."""
+    return v2.Compose([
+        v2.ToPILImage(),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([PILGaussianBlur()], p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.PILToTensor(),
+    ])
+
+
+def crop_and_colour(img_size, min_scale, **colour):
+    """A random resized crop (on the tensor), `photometric(**colour)`, a horizontal flip."""
+    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
+                       photometric(**colour), v2.RandomHorizontalFlip()])
+
+
+def byol_view(img_size):
     """BYOL's asymmetric pair of augmentations, as MoCo v3 uses them: crops of 8-100 %, colour jitter
-    0.4/0.4/0.2/0.1 with p=0.8, grayscale p=0.2, Gaussian blur p=1.0 / 0.1, solarize p=0 / 0.2, flip.
-    The crop runs on the uint8 tensor; colour and blur on PIL, which is faster at those (hue, blur)."""
-
-    def augmentation(blur_p, solarize_p):
-        return v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
-            v2.ToPILImage(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([PILGaussianBlur()], p=blur_p),
-            v2.RandomSolarize(threshold=128, p=solarize_p),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-        ])
-
-    return TwoViews(augmentation(1.0, 0.0), augmentation(0.1, 0.2))
+    0.4/0.4/0.2/0.1 with p=0.8, grayscale p=0.2, Gaussian blur p=1.0 / 0.1, solarize p=0 / 0.2, flip."""
+    return TwoViews(crop_and_colour(img_size, 0.08, blur_p=1.0, solarize_p=0.0),
+                    crop_and_colour(img_size, 0.08, blur_p=0.1, solarize_p=0.2))
 
 
-VIEWS = {"eval": eval_view, "mae": mae_view, "byol": byol_view}
+def simclr_view(img_size):
+    """SimCLR's augmentation twice: crops of 8-100 %, colour jitter of strength 1 (0.8/0.8/0.8/0.2,
+    p=0.8), grayscale p=0.2, blur p=0.5, flip."""
+    augmentation = crop_and_colour(img_size, 0.08, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)
+    return TwoViews(augmentation, augmentation)
+
+
+def simsiam_view(img_size):
+    """SimSiam's (MoCo v2's) augmentation twice: crops of 20-100 %, jitter 0.4/0.4/0.4/0.1 p=0.8,
+    grayscale p=0.2, blur p=0.5, flip."""
+    augmentation = crop_and_colour(img_size, 0.2, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+    return TwoViews(augmentation, augmentation)
+
+
+def simmim_view(img_size):
+    """SimMIM's augmentation: random resized crop of 67-100 % (aspect 3/4-4/3) and a flip."""
+    return mae_view(img_size, min_scale=0.67)
+
+
+class SharedCrop:
+    """One crop and flip of the image, then two photometric treatments of it: views whose patches are
+    at the same positions (ConMIM's patch-level dictionary needs that)."""
+
+    def __init__(self, img_size, first, second):
+        self.geometry = mae_view(img_size, min_scale=0.08)
+        self.first, self.second = first, second
+
+    def __call__(self, image):
+        image = self.geometry(image)
+        return self.first(image), self.second(image)
+
+
+def conmim_view(img_size):
+    """ConMIM's asymmetric pair: the masked online branch sees the basic crop, the slow encoder the same
+    crop with strong colour augmentation (BYOL's jitter, grayscale, blur p=0.5)."""
+    return SharedCrop(img_size, lambda image: image, photometric(blur_p=0.5))
+
+
+class PixelShift:
+    """CMAE's pixel shifting: one random resized crop to img_size + shift pixels, then two img_size
+    crops at independent random offsets: views of the same content, up to `shift` pixels apart."""
+
+    def __init__(self, img_size, shift):
+        self.master = mae_view(img_size + shift, min_scale=0.2)
+        self.crop = v2.RandomCrop(img_size)
+
+    def __call__(self, image):
+        image = self.master(image)
+        return self.crop(image), self.crop(image)
+
+
+def cmae_view(img_size):
+    """CMAE's views: the paper's 31-pixel shift at 224 px, scaled with the image size."""
+    return PixelShift(img_size, max(1, round(31 * img_size / 224)))
+
+
+class ViewSet:
+    """Several views of one image, each from its own augmentation (a tuple, flattened)."""
+
+    def __init__(self, *augmentations):
+        self.augmentations = augmentations
+
+    def __call__(self, image):
+        views = []
+        for augmentation in self.augmentations:
+            view = augmentation(image)
+            views += list(view) if isinstance(view, tuple) else [view]
+        return tuple(views)
+
+
+def hybrid_view(img_size):
+    """The MAE view and BYOL's two views of each image, for the hybrid MIM + CL loss."""
+    return ViewSet(mae_view(img_size), byol_view(img_size))
+
+
+VIEWS = {"eval": eval_view, "mae": mae_view, "byol": byol_view, "hybrid": hybrid_view, "simclr": simclr_view,
+         "simsiam": simsiam_view, "simmim": simmim_view, "conmim": conmim_view, "cmae": cmae_view}
 
 
 def make_view(name, img_size):

@@ -93,3 +93,17 @@ def tensorboard(run_dir):
 
 def scalar_values(run_dir, tag):
     return [event.value for event in tensorboard(run_dir).Scalars(tag)]
+
+
+# ZeRO-3 with every parameter partitioned (the shipped config keeps parameters under 1e5 elements whole
+# on every rank, which at toy sizes is all of them and would hide a parameter that is not gathered).
+ZERO3_ALL_PARTITIONED = {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                               "reduce_bucket_size": 10000000, "stage3_prefetch_bucket_size": 10000000,
+                                               "stage3_param_persistence_threshold": 0}}
+
+
+@pytest.fixture(scope="session")
+def zero3_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ds_configs") / "zero3_all_partitioned.json"
+    path.write_text(json.dumps(ZERO3_ALL_PARTITIONED))
+    return path

@@ -1,9 +1,11 @@
 """Layer-grafted MoCo v3 for real: 2 processes, ZeRO-2, started from an MAE run directory."""
+import json
 import math
 
 import pytest
 import torch
 
+from pretrain.auto_split import choose_split, read_cosines
 from pretrain.checkpoint import tag_of
 from pretrain.config import load_config
 from pretrain.export import consolidated_state_dict
@@ -14,7 +16,8 @@ from tests.conftest import pretrain, scalar_values, tensorboard
 pytestmark = pytest.mark.dist
 STEPS = 3
 RULES = {"list": [], "split": ["graft.split=4", "graft.l1_weight=1e-3", "graft.l1_to_layer=4"],
-         "ramp": ["graft.split=6", "graft.ramp_width=2"], "freeze": ["graft.split=6"]}
+         "ramp": ["graft.split=6", "graft.ramp_width=2"], "freeze": ["graft.split=6"],
+         "auto": ["graft.probe_steps=4", "graft.probe_every=1"]}
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,18 @@ def test_l1_pull_is_logged(graft_run):
     run_dir, _ = graft_run("split")
     pulls = scalar_values(run_dir, "loss_l1_pull")
     assert len(pulls) == STEPS and pulls[0] == 0 < pulls[-1]
+
+
+def test_auto_rule_probes_the_gradient_cosine_and_splits_where_it_turns(graft_run):
+    """The probe is a real hybrid run in RUN_DIR/graft_probe; the split is the one its logged curve gives."""
+    run_dir, config = graft_run("auto")
+    probe = run_dir / "graft_probe"
+    assert load_config(probe / "config.yaml").method == "hybrid"
+    assert len(scalar_values(probe, "grad_cosine/block_00")) == 4
+    cosines, steps = read_cosines(probe)
+    assert len(cosines) == 12 and steps == [3, 4] and all(-1 <= c <= 1 for c in cosines)
+    chosen = json.loads((run_dir / "graft_auto.json").read_text())
+    assert chosen["split"] == choose_split(cosines) == config.graft.split and chosen["cosines"] == cosines
+    events = tensorboard(run_dir)
+    assert scalar_values(run_dir, "graft/auto_split") == [config.graft.split]
+    assert events.Images("graft/probe_cosines")[0].width == 320

@@ -1,7 +1,10 @@
 """Layer-grafted pretraining in one process: lr rules, starting weights (MAE's release format), L1 pull."""
+import json
+
 import pytest
 import torch
 
+from pretrain.auto_split import choose_split, read_cosines, resolve
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config
 from pretrain.errors import UserError
@@ -46,7 +49,9 @@ def mae_release_file(path, arch_overrides=(), drop=None):
     config = load_config(None, ["method=mae", *TINY, *arch_overrides])
     torch.manual_seed(7)
     mae = build_objective(config)
-    state = {name.replace("encoder.", "", 1): tensor for name, tensor in mae.state_dict().items()}
+    release_name = lambda name: name.replace("encoder.", "", 1).replace("decoder.mask_token", "mask_token") \
+        .replace("decoder.", "decoder_")  # decoder_embed, decoder_blocks, ... as in models_mae.py
+    state = {release_name(name): tensor for name, tensor in mae.state_dict().items()}
     if drop:
         del state[drop]
     torch.save({"model": state}, path)
@@ -59,7 +64,7 @@ def test_mae_release_format_initializes_both_moco_encoders(tmp_path):
     moco = build_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'mae_pretrain.pth'}"]))
     for name, tensor in moco.encoder.state_dict().items():
         assert torch.equal(tensor, state[name]), name
-        assert torch.equal(moco.momentum_branch["encoder"].state_dict()[name], state[name]), name
+        assert torch.equal(moco.target.branch["encoder"].state_dict()[name], state[name]), name
 
 
 @pytest.mark.parametrize("case, message", [
@@ -114,3 +119,38 @@ def test_cl_to_mim_starts_mae_from_a_moco_style_checkpoint(tmp_path):
     mae = build_objective(load_config(None, ["method=mae", *TINY, f"graft.init={tmp_path / 'moco.pth.tar'}"]))
     for name, tensor in moco.encoder.state_dict().items():
         assert torch.equal(mae.encoder.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("cosines, split", [
+    ([0.6, 0.5, 0.3, 0.1, -0.2, -0.4], 4),
+    ([0.6, 0.5, -0.1, 0.2, -0.2, -0.4], 4),  # one dip: the best step still puts it in the lower part
+    ([0.5, 0.4, 0.3], 3),  # all agree: every block lower
+    ([-0.1, -0.3], 0),  # all conflict
+])
+def test_auto_split_is_the_best_step_from_agreement_to_conflict(cosines, split):
+    assert choose_split(cosines) == split
+
+
+def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
+    """graft.auto_from: a hybrid run's TensorBoard log; the later half of its measurements decides."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "hybrid" / "tb"))
+    for step in (10, 20, 30, 40):
+        early = step <= 20  # the first half is noise from untrained heads; it must not count
+        for block in range(12):
+            writer.add_scalar(f"grad_cosine/block_{block:02d}", -0.9 if early else 0.55 - 0.1 * block, step)
+    writer.close()
+    assert read_cosines(tmp_path / "hybrid") == (pytest.approx([0.55 - 0.1 * b for b in range(12)]), [30, 40])
+    config = load_config(None, ["method=mocov3", *TINY, "graft.rule=auto", f"graft.auto_from={tmp_path / 'hybrid'}",
+                                f"run.dir={tmp_path / 'run'}"])
+    curve, _ = resolve(config, train=None)
+    assert config.graft.split == curve["split"] == 6  # blocks 0-5 agree (block 5: 0.05), block 6 on conflict
+    assert json.loads((tmp_path / "run" / "graft_auto.json").read_text())["split"] == 6
+    groups = objective_param_groups(build_objective(config), config)
+    scales = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
+    assert scales[6] == 0.1 and scales[7] == 1.0  # layer id = block + 1
+    with pytest.raises(UserError, match="has no grad_cosine/block_NN scalars"):
+        read_cosines(tmp_path / "run")
+    with pytest.raises(UserError, match="graft.rule = 'auto' must be auto only with graft.init"):
+        load_config(None, ["graft.rule=auto"])

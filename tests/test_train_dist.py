@@ -31,13 +31,15 @@ def manifest(demo_shards):
 
 
 @pytest.fixture(scope="module")
-def stage_run(manifest, tmp_path_factory):
-    """Run (once per module) 2 steps of a method under a ZeRO stage, a checkpoint after each step."""
+def stage_run(manifest, tmp_path_factory, zero3_config):
+    """Run (once per module) 2 steps of a method under a ZeRO stage, a checkpoint after each step.
+    Stage 3 partitions every parameter (see tests/conftest.py)."""
 
     @functools.lru_cache(maxsize=None)
     def run(stage, method):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}_{method}")
-        result = pretrain(run_dir, manifest, f"method={method}", f"deepspeed.config=ds_configs/zero{stage}.json",
+        ds_config = zero3_config if stage == 3 else f"ds_configs/zero{stage}.json"
+        result = pretrain(run_dir, manifest, f"method={method}", f"deepspeed.config={ds_config}",
                           "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[stage])
         assert result.returncode == 0, result.stderr[-4000:]
         return run_dir
@@ -98,8 +100,8 @@ def test_export_loads_strictly_into_timm(stage_run, stage, tmp_path):
     assert torch.equal(state["blocks.11.mlp.fc2.weight"], consolidated["encoder.blocks.11.mlp.fc2.weight"])
 
 
-def test_block_checkpointing_under_zero3_gives_the_same_losses(stage_run, manifest, tmp_path):
-    plain = pretrain(tmp_path / "plain", manifest, "method=mae", "deepspeed.config=ds_configs/zero3.json",
+def test_block_checkpointing_under_zero3_gives_the_same_losses(stage_run, manifest, tmp_path, zero3_config):
+    plain = pretrain(tmp_path / "plain", manifest, "method=mae", f"deepspeed.config={zero3_config}",
                      "run.max_steps=2", "deepspeed.precision=fp32")
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert scalar_values(tmp_path / "plain", "loss") == scalar_values(stage_run(3, "mae"), "loss")
@@ -282,3 +284,34 @@ def test_zero3_with_cpu_offload_trains(manifest, tmp_path):
 def test_fp16_without_an_accelerator_that_has_it_is_a_clear_error(manifest, tmp_path):
     result = pretrain(tmp_path, manifest, "deepspeed.precision=fp16", nproc=1)
     assert result.returncode == 2 and "deepspeed.precision=fp16 is not supported by DeepSpeed's cpu" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def hybrid_runs(manifest, tmp_path_factory, zero3_config):
+    runs = {}
+    for stage, ds_config in ((2, "ds_configs/zero2.json"), (3, zero3_config)):
+        run_dir = tmp_path_factory.mktemp(f"hybrid_zero{stage}")
+        result = pretrain(run_dir, manifest, "method=hybrid", f"deepspeed.config={ds_config}", "deepspeed.precision=fp32",
+                          "run.max_steps=2", "run.diagnostics_every=1", "run.image_every=2", "hybrid.weight=0.5")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[stage] = run_dir
+    return runs
+
+
+def test_hybrid_logs_both_losses_and_the_per_block_gradient_cosine(hybrid_runs):
+    events = tensorboard(hybrid_runs[2])
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "loss_mim", "loss_cl", "logit_positive", "momentum"} <= scalars
+    cosines = [tag for tag in scalars if tag.startswith("grad_cosine/block_")]
+    assert len(cosines) == 12
+    assert all(-1 <= e.value <= 1 for tag in cosines for e in events.Scalars(tag))
+    assert {"grad_cosine_per_block", "reconstruction"} <= set(events.Tags()["images"])
+
+
+def test_gradient_cosines_are_the_same_under_zero2_and_zero3(hybrid_runs):
+    """ZeRO-3 partitions every parameter; the monitor must still see whole gradients of the global batch."""
+    for block in range(12):
+        tag = f"grad_cosine/block_{block:02d}"
+        zero2, zero3 = scalar_values(hybrid_runs[2], tag), scalar_values(hybrid_runs[3], tag)
+        assert zero2 == pytest.approx(zero3, abs=1e-4), tag
+    assert scalar_values(hybrid_runs[2], "loss") == pytest.approx(scalar_values(hybrid_runs[3], "loss"), rel=1e-5)

@@ -1,11 +1,19 @@
 """Self-supervised objectives. Each is an `Objective` built from the config; the engine knows no method."""
 from pretrain.grafting import L1Pull, load_start_weights
 from pretrain.methods.base import Objective
+from pretrain.methods.byol import BYOL
+from pretrain.methods.cmae import CMAE
+from pretrain.methods.conmim import ConMIM
+from pretrain.methods.hybrid import Hybrid
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
+from pretrain.methods.simclr import SimCLR
+from pretrain.methods.simmim import SimMIM
+from pretrain.methods.simsiam import SimSiam
 from pretrain.param_groups import layer_id
 
-OBJECTIVES = {"mae": MAE, "mocov3": MoCoV3}
+OBJECTIVES = {"mae": MAE, "mocov3": MoCoV3, "hybrid": Hybrid, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
+              "simmim": SimMIM, "cmae": CMAE, "conmim": ConMIM}
 
 
 def build_objective(config):

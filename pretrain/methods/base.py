@@ -13,6 +13,8 @@ class Objective(nn.Module):
     * `extra_state()` / `load_extra_state(state)`: what the checkpoint must hold besides the engine's
       module and optimizer (say, a momentum encoder kept outside the engine).
     * `images_to_log(images)`: an optional (N, 3, H, W) grid source for TensorBoard, or None.
+    * `diagnostics(images)`: extra measurements every run.diagnostics_every steps, on every rank:
+      (scalars, images) dicts for TensorBoard.
     * `on_encoder_loaded()`: called after starting weights were copied into `encoder` (grafting).
     * `l1_pull`: an optional `pretrain.grafting.L1Pull`; `regularized(outputs)` adds it to the loss.
     """
@@ -45,3 +47,6 @@ class Objective(nn.Module):
 
     def images_to_log(self, images):
         return None
+
+    def diagnostics(self, images):
+        return {}, {}

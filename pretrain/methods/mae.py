@@ -10,8 +10,49 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from pretrain.methods.base import Objective
-from pretrain.models import create_encoder, enable_block_checkpointing, patchify, set_sincos_pos_embed, unpatchify
+from pretrain.models import (create_encoder, enable_block_checkpointing, patchify, set_sincos_pos_embed, unpatchify,
+                             use_encoder_tokens)
 from pretrain.views import IMAGENET_MEAN, IMAGENET_STD
+
+
+def init_mae_weights(method):
+    """MAE's initialization: xavier-uniform linears and patch projection, N(0, 0.02) class token."""
+    weight = method.encoder.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.normal_(method.encoder.cls_token, std=0.02)
+    for module in method.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder: the encoded visible tokens, a shared mask token at every masked position
+    and fixed 2-D sin-cos positions through timm blocks, then a linear prediction for every patch."""
+
+    def __init__(self, grid_size, embed_dim, dim=512, depth=8, heads=16, out_dim=768):
+        super().__init__()
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1] + 1, dim), requires_grad=False)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, out_dim)
+        set_sincos_pos_embed(self.pos_embed, grid_size)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, x, ids_restore):
+        """(N, 1 + visible, embed_dim) encoder tokens -> (N, num_patches, out_dim) in image order."""
+        x = self.embed(x)
+        mask_tokens = self.mask_token.expand(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        return self.pred(self.norm(self.blocks(x)))[:, 1:]
 
 
 class MAE(Objective):
@@ -23,18 +64,12 @@ class MAE(Objective):
         self.encoder = encoder
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch_size = encoder.patch_embed.patch_size[0]
-        num_patches, embed_dim = encoder.patch_embed.num_patches, encoder.embed_dim
-
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim), requires_grad=False)
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
-                                              for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
-        self._init_weights()
+        self.decoder = MAEDecoder(encoder.patch_embed.grid_size, encoder.embed_dim, decoder_dim, decoder_depth,
+                                  decoder_heads, self.patch_size ** 2 * 3)
+        init_mae_weights(self)
+        use_encoder_tokens(self, encoder)
         if grad_checkpointing:
-            enable_block_checkpointing(self.decoder_blocks)
+            enable_block_checkpointing(self.decoder.blocks)
 
     @classmethod
     def from_config(cls, config):
@@ -43,22 +78,6 @@ class MAE(Objective):
         c = config.mae
         return cls(encoder, c.mask_ratio, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.norm_pix_loss,
                    m.grad_checkpointing)
-
-    def _init_weights(self):
-        """MAE's initialization: xavier-uniform linears and patch projection, N(0, 0.02) tokens."""
-        set_sincos_pos_embed(self.decoder_pos_embed, self.encoder.patch_embed.grid_size)
-        weight = self.encoder.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
     def random_masking(self, x):
         """Keep a random (1 - mask_ratio) of the tokens of each sample (per-sample shuffle by noise).
@@ -80,15 +99,6 @@ class MAE(Objective):
         x = enc.blocks(enc.norm_pre(torch.cat([cls, x], dim=1)))
         return enc.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)
-        mask_tokens = self.mask_token.expand(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        x = self.decoder_norm(self.decoder_blocks(x))
-        return self.decoder_pred(x)[:, 1:]
-
     def target(self, images):
         target = patchify(images.float(), self.patch_size)
         if self.norm_pix_loss:
@@ -96,19 +106,26 @@ class MAE(Objective):
             target = (target - mean) / (var + 1e-6) ** 0.5
         return target
 
-    def forward(self, images):
+    def forward(self, images, visualize=False):
+        """The loss; or, with `visualize`, the reconstruction grid of `images_to_log` (computed inside
+        forward so that ZeRO-3 gathers the parameters it reads)."""
         latent, mask, ids_restore = self.forward_encoder(images)
-        pred = self.forward_decoder(latent, ids_restore)
+        pred = self.decoder(latent, ids_restore)
+        if visualize:
+            return self.reconstruction_grid(images, pred.float(), mask)
+        return self.regularized({"loss": self.reconstruction_loss(images, pred, mask)})
+
+    def reconstruction_loss(self, images, pred, mask):
+        """Mean squared error of the predicted pixels, over the masked patches only."""
         per_patch = ((pred.float() - self.target(images)) ** 2).mean(dim=-1)
-        loss = (per_patch * mask).sum() / mask.sum()
-        return self.regularized({"loss": loss})
+        return (per_patch * mask).sum() / mask.sum()
 
     @torch.no_grad()
     def images_to_log(self, images, count=4):
         """Input, masked input and reconstruction (visible patches pasted back) of `count` images, in [0, 1]."""
-        images = images[:count]
-        latent, mask, ids_restore = self.forward_encoder(images)
-        pred = self.forward_decoder(latent, ids_restore).float()
+        return self(images[:count], visualize=True)
+
+    def reconstruction_grid(self, images, pred, mask):
         if self.norm_pix_loss:  # undo the per-patch normalization with the input's own statistics
             patches = patchify(images.float(), self.patch_size)
             pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)

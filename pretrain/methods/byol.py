@@ -1,0 +1,35 @@
+"""BYOL (Grill et al., 2020): the online branch (encoder, projector, predictor) regresses the
+momentum target's projection of the other view with a normalized MSE; no negatives. The target
+(encoder + projector) is an EMA whose momentum rises from 0.996 to 1 on a cosine."""
+import torch
+
+from pretrain.methods.momentum import MomentumBranch, MomentumObjective, cosine_regression
+from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+
+
+class BYOL(MomentumObjective):
+    view = "byol"
+
+    def __init__(self, encoder, mlp_dim=4096, out_dim=256, momentum=0.996, grad_checkpointing=False):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = sync_batchnorm(mlp(2, encoder.embed_dim, mlp_dim, out_dim, last_bn=False))
+        self.predictor = sync_batchnorm(mlp(2, out_dim, mlp_dim, out_dim, last_bn=False))
+        self.target = MomentumBranch({"encoder": encoder, "projector": self.projector}, momentum)
+        if grad_checkpointing:
+            enable_block_checkpointing(encoder.blocks)
+
+    @classmethod
+    def from_config(cls, config):
+        m, c = config.model, config.byol
+        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        return cls(encoder, c.mlp_dim, c.out_dim, c.momentum, m.grad_checkpointing)
+
+    def forward(self, views):
+        first, second = views
+        p1 = self.predictor(self.projector(self.encoder(first)))
+        p2 = self.predictor(self.projector(self.encoder(second)))
+        with self.target.run(first, self.training) as target:
+            z1, z2 = (target["projector"](target["encoder"](view)) for view in views)
+        loss = cosine_regression(p1, z2) + cosine_regression(p2, z1)
+        return self.regularized({"loss": loss, "momentum": torch.tensor(self.target.momentum)})

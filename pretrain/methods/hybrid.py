@@ -1,0 +1,65 @@
+"""The hybrid multi-task loss (seeds 000 / 001): L = (1 - lambda) L_MIM + lambda L_CL on one encoder.
+
+A composition, not a copy: an MAE and a MoCo v3 objective built around the same timm encoder. Each
+step sees an MAE view (masked branch) and MoCo's two BYOL views of every image. Seed 001 finds that the
+two gradients conflict in the higher blocks; `diagnostics` measures the per-block cosine between them.
+"""
+import torch
+
+from pretrain.grad_conflict import block_gradient_cosines, plot_cosines
+from pretrain.methods.base import Objective
+from pretrain.methods.mae import MAE
+from pretrain.methods.mocov3 import MoCoV3
+from pretrain.models import create_encoder
+
+
+class Hybrid(Objective):
+    view = "hybrid"
+
+    def __init__(self, encoder, mae, moco, weight=0.5):
+        super().__init__()
+        self.encoder = encoder  # registered first, so parameters are named encoder.* (layer ids, export)
+        self.mae, self.moco, self.weight = mae, moco, weight
+
+    @classmethod
+    def from_config(cls, config):
+        m, a, c = config.model, config.mae, config.moco
+        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        mae = MAE(encoder, a.mask_ratio, a.decoder_dim, a.decoder_depth, a.decoder_heads, a.norm_pix_loss,
+                  m.grad_checkpointing)  # initializes the shared encoder, MAE's way
+        moco = MoCoV3(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
+                      m.grad_checkpointing)  # copies it into the momentum branch
+        return cls(encoder, mae, moco, config.hybrid.weight)
+
+    def losses(self, views):
+        masked, first, second = views
+        return self.mae(masked), self.moco([first, second])
+
+    def forward(self, views):
+        mim, cl = self.losses(views)
+        loss = (1 - self.weight) * mim["loss"] + self.weight * cl["loss"]
+        return self.regularized({"loss": loss, "loss_mim": mim["loss"].detach(), "loss_cl": cl["loss"].detach(),
+                                 **{k: v for k, v in cl.items() if k != "loss"}})
+
+    def diagnostics(self, views):
+        """Per-block cosine between the gradients of the MIM and the CL loss (all ranks must call it)."""
+        mim, cl = self.losses(views)
+        cosines = block_gradient_cosines(mim["loss"], cl["loss"], self.encoder.blocks)
+        scalars = {f"grad_cosine/block_{i:02d}": value for i, value in enumerate(cosines)}
+        return scalars, {"grad_cosine_per_block": plot_cosines(cosines)}
+
+    def after_step(self, step, total_steps):
+        self.moco.after_step(step, total_steps)
+
+    def on_encoder_loaded(self):
+        self.moco.on_encoder_loaded()
+
+    def extra_state(self):
+        return self.moco.extra_state()
+
+    def load_extra_state(self, state):
+        self.moco.load_extra_state(state)
+
+    @torch.no_grad()
+    def images_to_log(self, views):
+        return self.mae.images_to_log(views[0])

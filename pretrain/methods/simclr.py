@@ -1,0 +1,48 @@
+"""SimCLR (Chen et al., 2020): NT-Xent over the 2N views of the global batch.
+
+Both views go through the encoder and a projector; each projection's positive is the other view of
+its image, its negatives the other 2N - 2 views of the whole global batch. The projections are
+gathered from every rank *with* gradient (`all_gather_with_grad`), so every view is a negative for
+every other with its gradient, as in a single-process batch of the global size.
+"""
+import torch
+import torch.nn.functional as F
+
+from pretrain.distributed import all_gather_with_grad, rank
+from pretrain.methods.base import Objective
+from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+
+
+class SimCLR(Objective):
+    view = "simclr"
+
+    def __init__(self, encoder, mlp_dim=2048, out_dim=128, temperature=0.1, grad_checkpointing=False):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = sync_batchnorm(mlp(2, encoder.embed_dim, mlp_dim, out_dim, last_bn=False))
+        self.temperature = temperature
+        if grad_checkpointing:
+            enable_block_checkpointing(encoder.blocks)
+
+    @classmethod
+    def from_config(cls, config):
+        m, c = config.model, config.simclr
+        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        return cls(encoder, c.mlp_dim, c.out_dim, c.temperature, m.grad_checkpointing)
+
+    def forward(self, views):
+        first, second = views
+        local = len(first)
+        z = [F.normalize(self.projector(self.encoder(view)).float(), dim=1) for view in views]
+        z1, z2 = all_gather_with_grad(z[0]), all_gather_with_grad(z[1])
+        everything = torch.cat([z1, z2])  # (2M, d): the first views of the global batch, then the second
+        total = len(z1)
+        anchors = torch.cat([z[0], z[1]])  # this rank's 2N views
+        logits = anchors @ everything.T / self.temperature
+        mine = torch.arange(local, device=logits.device) + rank() * local
+        own = torch.cat([mine, mine + total])  # each anchor's own column, excluded
+        positive = torch.cat([mine + total, mine])  # the other view of the same image
+        logits = logits.masked_fill(F.one_hot(own, len(everything)).bool(), float("-inf"))
+        loss = F.cross_entropy(logits, positive)
+        accuracy = (logits.argmax(dim=1) == positive).float().mean()
+        return self.regularized({"loss": loss, "contrast_accuracy": accuracy.detach()})

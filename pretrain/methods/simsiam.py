@@ -1,0 +1,38 @@
+"""SimSiam (Chen and He, 2021): a predictor regresses the other view's projection, stop-gradient on
+the target; no negatives, no momentum encoder. Loss D(p1, z2)/2 + D(p2, z1)/2 with D the negative
+cosine: the stop-gradient is what keeps it from collapsing. Follows facebookresearch/simsiam's builder."""
+import torch
+import torch.nn.functional as F
+
+from pretrain.methods.base import Objective
+from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+
+
+def negative_cosine(prediction, target):
+    return -F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1).mean()
+
+
+class SimSiam(Objective):
+    view = "simsiam"
+
+    def __init__(self, encoder, dim=2048, pred_dim=512, grad_checkpointing=False):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = sync_batchnorm(mlp(3, encoder.embed_dim, dim, dim))
+        self.predictor = sync_batchnorm(mlp(2, dim, pred_dim, dim, last_bn=False))
+        if grad_checkpointing:
+            enable_block_checkpointing(encoder.blocks)
+
+    @classmethod
+    def from_config(cls, config):
+        m, c = config.model, config.simsiam
+        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        return cls(encoder, c.dim, c.pred_dim, m.grad_checkpointing)
+
+    def forward(self, views):
+        z1, z2 = (self.projector(self.encoder(view)) for view in views)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+        # Collapse shows as the per-dimension std of the normalized output going to 0 (1/sqrt(dim) if healthy).
+        spread = F.normalize(z1.detach().float(), dim=1).std(dim=0).mean()
+        return self.regularized({"loss": loss, "output_std": spread})
