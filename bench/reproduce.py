@@ -1,6 +1,6 @@
 """Toy reproduction of seed 001's comparison: MAE, MoCo v3, MTL, CL->MIM and MIM->CL.
 
-    python -m bench.reproduce [--steps 110] [--seeds 0 1 2] [--workdir runs/reproduce]
+    python -m bench.reproduce [--steps 90] [--seeds 0 1 2] [--workdir runs/reproduce]
 
 On the embedded digits (1,438 train / 359 val images, 32 px), a ViT-Tiny with 8-px patches trained by
 lg-pretrain on 2 CPU processes (DeepSpeed ZeRO-2, gloo), every training stage the same number of steps
@@ -12,10 +12,11 @@ with its schedule run to the end:
   official recipe); CL->MIM: MAE started from that seed's MoCo v3 run, the same rule. The grafted
   models have had two stages (2x the steps of the others), as in the paper.
 
-Each encoder is then frozen and evaluated on the val split: weighted kNN (k 20, T 0.07) and a linear
-probe (BatchNorm + linear) on the mean patch token and on the class token. Prints a table (mean +-
-std over seeds, beside seed 001's ViT-B / ImageNet linear-probe numbers) and a JSON line; writes
-WORKDIR/results.json. Runs resume: a finished run is only evaluated again.
+Each encoder (and, as the floor, the same ViT untrained) is then frozen and evaluated on the val split:
+weighted kNN (k 20, T 0.07) and a linear probe (BatchNorm + linear) with all labels and with 10 per
+class (the paper's 1 % setting at toy scale), on the mean patch token and on the class token. Prints a
+table (mean +- std over seeds, beside seed 001's ViT-B / ImageNet linear-probe numbers) and a JSON line;
+writes WORKDIR/results.json. Runs resume: a finished run is only evaluated again.
 """
 import argparse
 import json
@@ -24,12 +25,16 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from bench.photos import cpu_count
 from pretrain import demo
 from pretrain.eval import encoder_from, extract_features, knn_accuracy, linear_probe_accuracy
+from pretrain.models import create_encoder
 
 TRAIN_IMAGES = 1438
 PROCESSES, MICRO_BATCH = 2, 32
+SHOTS = 10  # labelled images per class for the few-shot linear probe
 # name: (config, overrides, the run it starts from)
 RUNS = {
     "mae": ("demo.yaml", [], None),
@@ -38,8 +43,8 @@ RUNS = {
     "cl2mim": ("demo.yaml", ["graft.rule=list", "graft.scales=[0.1,0.1,1.0]"], "mocov3"),
     "mim2cl": ("graft_demo.yaml", [], "mae"),
 }
-PAPER_LINEAR = {"mae": 68.0, "mocov3": 76.7, "mtl": 68.4, "cl2mim": 65.5, "mim2cl": 74.5}  # seed 001, ViT-B IN-1k
-NAMES = {"mae": "MAE", "mocov3": "MoCo v3", "mtl": "MTL (hybrid)", "cl2mim": "CL->MIM", "mim2cl": "MIM->CL"}
+PAPER_LINEAR = {"random": float("nan"), "mae": 68.0, "mocov3": 76.7, "mtl": 68.4, "cl2mim": 65.5, "mim2cl": 74.5}  # seed 001, ViT-B IN-1k
+NAMES = {"random": "random init", "mae": "MAE", "mocov3": "MoCo v3", "mtl": "MTL (hybrid)", "cl2mim": "CL->MIM", "mim2cl": "MIM->CL"}
 
 
 def train(name, seed, steps, workdir, shards):
@@ -58,15 +63,21 @@ def train(name, seed, steps, workdir, shards):
     return run_dir, time.perf_counter() - started
 
 
-def evaluate(run_dir, shards):
-    encoder = encoder_from(run_dir, "vit_tiny", 32, 8)
+def evaluate(encoder, shards):
     scores = {}
     for pool in ("mean", "token"):
         train_f, train_y = extract_features(encoder, shards / "train.json", 32, pool)
         val_f, val_y = extract_features(encoder, shards / "val.json", 32, pool)
         scores[f"knn_{pool}"] = 100 * knn_accuracy(train_f, train_y, val_f, val_y)
         scores[f"linear_{pool}"] = 100 * linear_probe_accuracy(train_f, train_y, val_f, val_y)
+        few = few_shot(train_y, SHOTS)
+        scores[f"linear{SHOTS}shot_{pool}"] = 100 * linear_probe_accuracy(train_f[few], train_y[few], val_f, val_y)
     return scores
+
+
+def few_shot(labels, shots):
+    """The first `shots` training images of every class (the paper's 1 % setting, at toy scale)."""
+    return torch.cat([(labels == c).nonzero().flatten()[:shots] for c in labels.unique()])
 
 
 def summary(values):
@@ -75,30 +86,34 @@ def summary(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=110, help="training steps per stage (22 per epoch)")
+    parser.add_argument("--steps", type=int, default=90, help="training steps per stage (22 per epoch)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", type=Path, default=Path("runs/reproduce"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
     shards = demo.prepare_data(args.workdir / "data")
-    results = {name: [] for name in RUNS}
+    results = {name: [] for name in ["random", *RUNS]}
     for seed in args.seeds:
+        torch.manual_seed(seed)  # the floor: the same encoder untrained
+        scores = evaluate(create_encoder("vit_tiny", 32, 8).eval(), shards)
+        results["random"].append({"seed": seed, "train_s": 0.0, **{k: round(v, 2) for k, v in scores.items()}})
         for name in RUNS:  # in order: the grafted runs start from this seed's MAE and MoCo v3 runs
             run_dir, seconds = train(name, seed, args.steps, args.workdir, shards)
-            scores = evaluate(run_dir, shards)
+            scores = evaluate(encoder_from(run_dir, "vit_tiny", 32, 8), shards)
             results[name].append({"seed": seed, "train_s": round(seconds, 1), **{k: round(v, 2) for k, v in scores.items()}})
             print(f"seed {seed} {NAMES[name]:13s} " + "  ".join(f"{k} {v:5.1f}" for k, v in scores.items())
                   + f"  ({seconds:.0f} s)", flush=True)
     total = time.perf_counter() - started
 
-    metrics = ("knn_mean", "linear_mean", "knn_token", "linear_token")
+    metrics = ("knn_mean", "linear_mean", f"linear{SHOTS}shot_mean", "knn_token", "linear_token",
+               f"linear{SHOTS}shot_token")
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps per stage, ViT-Tiny/8 at 32 px, {PROCESSES} CPU processes, "
           f"{total / 60:.1f} min")
-    print(f"{'method':14s}" + "".join(f"{m:>16s}" for m in metrics) + f"{'seed 001 linear':>17s}")
+    print(f"{'method':14s}" + "".join(f"{m:>20s}" for m in metrics) + f"{'seed 001 linear':>17s}")
     table = {}
     for name, rows in results.items():
         table[name] = {m: summary([row[m] for row in rows]) for m in metrics}
-        cells = "".join(f"{mean:9.1f} ± {std:4.1f}" for mean, std in table[name].values())
+        cells = "".join(f"{mean:13.1f} ± {std:4.1f}" for mean, std in table[name].values())
         print(f"{NAMES[name]:14s}{cells}{PAPER_LINEAR[name]:17.1f}")
     record = {"bench": "reproduce", "steps": args.steps, "seeds": args.seeds, "minutes": round(total / 60, 1),
               "cpus": cpu_count(), "machine": platform.processor() or platform.machine(),

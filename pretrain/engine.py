@@ -10,7 +10,6 @@ to one learning rate).
 import json
 import logging
 import signal
-import time
 from pathlib import Path
 
 import deepspeed

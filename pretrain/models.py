@@ -30,6 +30,13 @@ def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing
     return encoder
 
 
+def encoder_for(config, grad_checkpointing=False):
+    """The encoder a run config describes (model.arch, data.img_size, model.patch_size, model.drop_path).
+    Methods with a momentum copy enable block checkpointing themselves, after copying."""
+    m = config.model
+    return create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path, grad_checkpointing)
+
+
 def set_sincos_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
     """Fill a (1, prefix + H*W, dim) position embedding with fixed 2-D sin-cos values (zeros for the
     prefix tokens, as in MAE) and freeze it."""

@@ -1,5 +1,4 @@
 """The WebDataset loader on real shards with real DataLoader worker processes."""
-import io
 import json
 import pickle
 from collections import Counter

@@ -1,4 +1,4 @@
-"""Every method beyond MAE and MoCo v3 for real: 2 gloo processes, DeepSpeed ZeRO-2 on the embedded
+"""Every method beyond MAE and MoCo v3 (tested in test_train_dist.py) for real: 2 gloo processes, DeepSpeed ZeRO-2 on the embedded
 digits (the loss must drop), and the momentum methods under all-partitioned ZeRO-3 as well."""
 import math
 
@@ -14,6 +14,7 @@ STEPS = 30
 # Per method: settings for 8-px patches at 32 px, a learning rate that learns in 30 steps, and how much
 # the mean loss of the last 5 steps must be below that of the first 5 (about a third of what it drops here).
 METHODS = {
+    "hybrid": (["moco.mlp_dim=128", "moco.out_dim=32", "optim.base_lr=2e-3"], 0.2),
     "simclr": (["simclr.mlp_dim=128", "simclr.out_dim=32", "optim.base_lr=2e-3"], 0.8),
     "byol": (["byol.mlp_dim=128", "byol.out_dim=32", "optim.base_lr=2e-3"], 0.6),
     "simsiam": (["simsiam.dim=128", "simsiam.pred_dim=32", "optim.base_lr=1e-2"], 0.06),

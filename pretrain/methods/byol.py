@@ -4,7 +4,7 @@ momentum target's projection of the other view with a normalized MSE; no negativ
 import torch
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, cosine_regression
-from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
 class BYOL(MomentumObjective):
@@ -22,7 +22,7 @@ class BYOL(MomentumObjective):
     @classmethod
     def from_config(cls, config):
         m, c = config.model, config.byol
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         return cls(encoder, c.mlp_dim, c.out_dim, c.momentum, m.grad_checkpointing)
 
     def forward(self, views):

@@ -10,7 +10,8 @@ ViT-B config (mask ratio 0.65, feature decoder 512 x 2, projector 768-1536-256).
 """
 from pretrain.methods.mae import MAE, MAEDecoder
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
-from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm, use_encoder_tokens
+from pretrain.models import (enable_block_checkpointing, encoder_for, mlp, sync_batchnorm,
+                             use_encoder_tokens)
 
 
 class CMAE(MomentumObjective):
@@ -32,7 +33,7 @@ class CMAE(MomentumObjective):
     @classmethod
     def from_config(cls, config):
         m, a, c = config.model, config.mae, config.cmae
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         mae = MAE(encoder, a.mask_ratio, a.decoder_dim, a.decoder_depth, a.decoder_heads, a.norm_pix_loss,
                   m.grad_checkpointing)
         cmae = cls(encoder, mae, c.feature_decoder_dim, c.feature_decoder_depth, a.decoder_heads, c.mlp_dim,

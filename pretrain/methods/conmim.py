@@ -12,7 +12,7 @@ from torch import nn
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective
 from pretrain.methods.simmim import MaskedPatches
-from pretrain.models import create_encoder, enable_block_checkpointing
+from pretrain.models import enable_block_checkpointing, encoder_for
 
 
 class ConMIM(MaskedPatches, MomentumObjective):
@@ -30,7 +30,7 @@ class ConMIM(MaskedPatches, MomentumObjective):
     @classmethod
     def from_config(cls, config):
         m, c = config.model, config.conmim
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         return cls(encoder, c.mask_ratio, c.mask_patch_size, c.temperature, c.momentum, m.grad_checkpointing)
 
     def forward(self, views):

@@ -10,7 +10,7 @@ from pretrain.grad_conflict import block_gradient_cosines, plot_cosines
 from pretrain.methods.base import Objective
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
-from pretrain.models import create_encoder
+from pretrain.models import encoder_for
 
 
 class Hybrid(Objective):
@@ -24,7 +24,7 @@ class Hybrid(Objective):
     @classmethod
     def from_config(cls, config):
         m, a, c = config.model, config.mae, config.moco
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         mae = MAE(encoder, a.mask_ratio, a.decoder_dim, a.decoder_depth, a.decoder_heads, a.norm_pix_loss,
                   m.grad_checkpointing)  # initializes the shared encoder, MAE's way
         moco = MoCoV3(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,

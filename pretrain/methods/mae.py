@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from pretrain.methods.base import Objective
-from pretrain.models import (create_encoder, enable_block_checkpointing, patchify, set_sincos_pos_embed, unpatchify,
+from pretrain.models import (enable_block_checkpointing, encoder_for, patchify, set_sincos_pos_embed, unpatchify,
                              use_encoder_tokens)
 from pretrain.views import IMAGENET_MEAN, IMAGENET_STD
 
@@ -74,7 +74,7 @@ class MAE(Objective):
     @classmethod
     def from_config(cls, config):
         m = config.model
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path, m.grad_checkpointing)
+        encoder = encoder_for(config, m.grad_checkpointing)
         c = config.mae
         return cls(encoder, c.mask_ratio, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.norm_pix_loss,
                    m.grad_checkpointing)

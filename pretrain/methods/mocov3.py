@@ -9,7 +9,7 @@ Follows facebookresearch/moco-v3's moco/builder.py.
 import torch
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
-from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
 class MoCoV3(MomentumObjective):
@@ -31,7 +31,7 @@ class MoCoV3(MomentumObjective):
     @classmethod
     def from_config(cls, config):
         m, c = config.model, config.moco
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         return cls(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
                    m.grad_checkpointing)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pretrain.distributed import all_gather_with_grad, rank
 from pretrain.methods.base import Objective
-from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
 class SimCLR(Objective):
@@ -27,7 +27,7 @@ class SimCLR(Objective):
     @classmethod
     def from_config(cls, config):
         m, c = config.model, config.simclr
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         return cls(encoder, c.mlp_dim, c.out_dim, c.temperature, m.grad_checkpointing)
 
     def forward(self, views):

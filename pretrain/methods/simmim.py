@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pretrain.methods.base import Objective
-from pretrain.models import (block_mask, create_encoder, enable_block_checkpointing, encode_with_mask_tokens,
+from pretrain.models import (block_mask, enable_block_checkpointing, encode_with_mask_tokens, encoder_for,
                              patchify, use_encoder_tokens)
 
 
@@ -47,7 +47,7 @@ class SimMIM(MaskedPatches):
     @classmethod
     def from_config(cls, config):
         m, c = config.model, config.simmim
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         return cls(encoder, c.mask_ratio, c.mask_patch_size, m.grad_checkpointing)
 
     def forward(self, images):

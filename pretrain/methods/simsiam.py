@@ -1,11 +1,10 @@
 """SimSiam (Chen and He, 2021): a predictor regresses the other view's projection, stop-gradient on
 the target; no negatives, no momentum encoder. Loss D(p1, z2)/2 + D(p2, z1)/2 with D the negative
 cosine: the stop-gradient is what keeps it from collapsing. Follows facebookresearch/simsiam's builder."""
-import torch
 import torch.nn.functional as F
 
 from pretrain.methods.base import Objective
-from pretrain.models import create_encoder, enable_block_checkpointing, mlp, sync_batchnorm
+from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
 def negative_cosine(prediction, target):
@@ -26,7 +25,7 @@ class SimSiam(Objective):
     @classmethod
     def from_config(cls, config):
         m, c = config.model, config.simsiam
-        encoder = create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path)
+        encoder = encoder_for(config)
         return cls(encoder, c.dim, c.pred_dim, m.grad_checkpointing)
 
     def forward(self, views):
