@@ -115,24 +115,42 @@ def match_batchnorm_statistics(module, dtype):
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm's warning signal); the loop checkpoints and stops."""
+    """Set by SIGTERM, SIGUSR1 or SIGUSR2 (Slurm's warning signals; submitit asks for USR2); the loop
+    checkpoints and stops. `restore()` puts back the handlers that were there before (submitit's)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
-        self.signum = 0
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._set)
+        self.signum, self.received = 0, set()
+        self.previous = {signum: signal.signal(signum, self._set) for signum in self.SIGNALS}
 
     def _set(self, signum, frame):
         self.signum = signum
+        self.received.add(signum)
+
+    def reason(self):
+        """The signal to report: USR2 (a requeue request) before the others."""
+        return signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.signum
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train(config):
     """Run (or resume) the training that `config` describes. Returns (last step, signal number that
     stopped it or 0)."""
+    stop = StopFlag()
+    try:
+        return _train(config, stop)
+    finally:
+        stop.restore()
+
+
+def _train(config, stop):
     deepspeed.init_distributed()
     world, is_main = world_size(), rank() == 0
     run_dir, ckpt_dir = Path(config.run.dir), Path(config.run.dir) / "ckpt"
-    stop = StopFlag()
 
     auto_curve = None
     if config.graft.rule == "auto":  # decide the split first (may run the probe, a hybrid run of its own)
@@ -248,7 +266,7 @@ def train(config):
             sums = {}
         if config.run.image_every and step % config.run.image_every == 0:
             monitor.images(step, "reconstruction", objective.images_to_log(images))
-        stopped_by = (stop.signum or signal.SIGTERM) if status[2] > 0 else 0
+        stopped_by = (stop.reason() or signal.SIGTERM) if status[2] > 0 else 0
         if step % config.run.save_every == 0 or step == last_step or stopped_by:
             save(step)
         if stopped_by:

@@ -48,9 +48,17 @@ def main(argv=None):
 
         print(format_param_groups(objective_param_groups(build_objective(config), config)))
         return 0
+    return run(config)
+
+
+def run(config):
+    """Train `config` in this process (one rank of a job, or a world of one); the exit code. The one
+    code path of every launcher: this CLI under torchrun / deepspeed, and lg-submit's Slurm tasks."""
     from pretrain.distributed import default_env_for_single_process
     from pretrain.engine import TrainingDiverged, train
 
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     default_env_for_single_process()
     try:
         step, signum = train(config)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(module, *args, timeout=300, **kwargs):
     """Run `python -m module args...` as a real process; return the CompletedProcess."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **kwargs.pop("env", {}), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
 
