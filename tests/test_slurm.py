@@ -103,7 +103,7 @@ def test_preempted_job_is_requeued_and_ends_as_the_uninterrupted_one(uninterrupt
     wait_for(lambda: job_finished(job_id) and latest_tag(run_dir / "ckpt") == tag_of(STEPS), 600, job_id,
              "the requeued job's end")
     log = rank0_log(run_dir, job_id)
-    assert "saved checkpoint" in log and "resumed" in log and "Requeuing" in log, log[-3000:]
+    assert "saved checkpoint" in log and "resumed" in log and "Requeued job" in log, log[-3000:]
     stopped_at = int(log.split("stopped at step ")[1].split(" ")[0])
     assert 6 <= stopped_at < STEPS
     expected = consolidated_state_dict(uninterrupted[0] / "ckpt", tag_of(STEPS))
