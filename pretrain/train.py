@@ -25,7 +25,7 @@ def parse_args(argv):
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 run.dir=runs/x")
     parser.add_argument("--print-param-groups", action="store_true", help="print the optimizer groups and exit")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before and after options
 
 
 @cli_entry("lg-pretrain")
