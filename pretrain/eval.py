@@ -1,4 +1,11 @@
-"""Frozen-feature evaluation: weighted kNN and a linear probe on features of the sharded splits.
+"""lg-eval: frozen-feature evaluation, weighted kNN and a linear probe on the sharded splits.
+
+    lg-eval knn    ENCODER --train TRAIN.json --val VAL.json [--pool token|mean] [--layer i]
+    lg-eval linear ENCODER --train TRAIN.json --val VAL.json [--fraction 0.01] [--epochs 300]
+
+ENCODER: a run directory, an lg-export .pth (its .json beside it says the architecture), or a release
+file (`{'model': ...}`, MoCo-style prefixes; give --arch, --img-size, --patch-size). Prints and writes a
+JSON result (--out, default beside the encoder), and the accuracy as a TensorBoard scalar (--tb).
 
 * `encoder_from(source, arch, img_size, patch)`: a timm encoder with the weights of a run directory,
   an lg-export file or an official release file (read as grafting reads them).
@@ -9,13 +16,21 @@
 * `linear_probe_accuracy`: MAE's linear probe on frozen features: BatchNorm without affine parameters,
   then a linear layer; trained full-batch with AdamW here (features fit in memory at toy scale).
 """
+import argparse
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from pretrain.analysis import block_tokens
+from pretrain.config import load_config
 from pretrain.data import make_loader
+from pretrain.errors import UserError, cli_entry
 from pretrain.grafting import load_start_weights
-from pretrain.models import create_encoder
+from pretrain.models import TIMM_NAMES, create_encoder
 from pretrain.views import normalize
 
 
@@ -26,13 +41,19 @@ def encoder_from(source, arch, img_size, patch_size):
 
 
 @torch.no_grad()
-def extract_features(encoder, manifest, img_size, pool="token", batch_size=256, num_workers=1):
-    """(features, labels) of every image of a split, in shard order."""
+def extract_features(encoder, manifest, img_size, pool="token", batch_size=256, num_workers=1, layer=-1,
+                     progress=False):
+    """(features, labels) of every image of a split, in shard order; `layer` >= 0: that block's output
+    (before the final norm) instead of the normalized last one."""
     loader = make_loader(manifest, batch_size, view="eval", img_size=img_size, mode="epoch",
                          num_workers=num_workers, rank=0, world_size=1)
     features, labels = [], []
-    for batch in loader.epoch(0):
-        tokens = encoder.forward_features(normalize(batch["images"]))
+    batches = tqdm(loader.epoch(0), total=loader.num_batches(0), desc="features", unit="batch", disable=not progress)
+    for batch in batches:
+        with block_tokens(encoder) as per_block:
+            tokens = encoder.forward_features(normalize(batch["images"]))
+        if layer >= 0:
+            tokens = per_block[layer]
         pooled = tokens[:, 0] if pool == "token" else tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
         features.append(pooled.float())
         labels.append(batch["labels"])
@@ -66,3 +87,90 @@ def linear_probe_accuracy(train_features, train_labels, val_features, val_labels
     head.eval()
     with torch.no_grad():
         return (head(val_features).argmax(dim=1) == val_labels).float().mean().item()
+
+
+def subset(labels, fraction, seed=0):
+    """Indices of `fraction` of the samples of every class (at least one each), chosen by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        keep = max(1, round(fraction * len(members)))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:keep]])
+    return torch.cat(chosen)
+
+
+def architecture(source, args):
+    """(arch, img_size, patch_size) of an encoder source: its run config, its lg-export .json, or flags."""
+    source = Path(source)
+    if (source / "config.yaml").is_file():
+        config = load_config(source / "config.yaml")
+        return config.model.arch, config.data.img_size, config.model.patch
+    info = source.with_suffix(".json")
+    if source.is_file() and info.is_file():
+        timm_kwargs = json.loads(info.read_text())["timm"]
+        arch = {name: arch for arch, name in TIMM_NAMES.items()}[timm_kwargs["model_name"]]
+        return arch, timm_kwargs["img_size"], timm_kwargs["patch_size"]
+    if args.arch is None:
+        raise UserError(f"{source}: give --arch (and --img-size, --patch-size): no run config or lg-export .json "
+                        "says what architecture it is")
+    return args.arch, args.img_size, args.patch_size or (14 if args.arch == "vit_huge" else 16)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="lg-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("protocol", choices=["knn", "linear"])
+    parser.add_argument("encoder", type=Path, help="run directory, lg-export .pth or release checkpoint")
+    parser.add_argument("--train", type=Path, required=True, help="train manifest written by lg-shard")
+    parser.add_argument("--val", type=Path, required=True, help="val manifest written by lg-shard")
+    parser.add_argument("--pool", choices=["token", "mean"], default="token", help="class token or mean patch token")
+    parser.add_argument("--layer", type=int, default=-1, help="features of block i (default: the last, normalized)")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--fraction", type=float, default=1.0, help="linear: labelled fraction per class (0.01 = 1 %%)")
+    parser.add_argument("--epochs", type=int, default=300, help="linear: full-batch epochs")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--arch", choices=sorted(TIMM_NAMES))
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--patch-size", type=int)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="result JSON (default: beside the encoder)")
+    parser.add_argument("--tb", type=Path, help="TensorBoard log directory for the result scalar")
+    return parser.parse_args(argv)
+
+
+@cli_entry("lg-eval")
+def main(argv=None):
+    args = parse_args(argv)
+    arch, img_size, patch_size = architecture(args.encoder, args)
+    encoder = encoder_from(args.encoder, arch, img_size, patch_size)
+    if not -1 <= args.layer < len(encoder.blocks):
+        raise UserError(f"--layer {args.layer}: the encoder has blocks 0-{len(encoder.blocks) - 1}")
+    options = dict(pool=args.pool, batch_size=args.batch_size, num_workers=args.workers, layer=args.layer,
+                   progress=True)
+    train_f, train_y = extract_features(encoder, args.train, img_size, **options)
+    val_f, val_y = extract_features(encoder, args.val, img_size, **options)
+    if args.protocol == "knn":
+        accuracy = knn_accuracy(train_f, train_y, val_f, val_y, args.k, args.temperature)
+    else:
+        chosen = subset(train_y, args.fraction) if args.fraction < 1 else torch.arange(len(train_y))
+        accuracy = linear_probe_accuracy(train_f[chosen], train_y[chosen], val_f, val_y, args.epochs, args.lr)
+    layer = "last" if args.layer < 0 else f"block_{args.layer:02d}"
+    result = {"protocol": args.protocol, "encoder": str(args.encoder), "arch": arch, "pool": args.pool,
+              "layer": layer, "top1": round(100 * accuracy, 2), "train_samples": len(train_y),
+              "val_samples": len(val_y), "fraction": args.fraction if args.protocol == "linear" else None}
+    out = args.out or (args.encoder if args.encoder.is_dir() else args.encoder.parent) / \
+        f"eval_{args.protocol}_{args.pool}_{layer}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.tb:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(args.tb)) as writer:
+            writer.add_scalar(f"eval/{args.protocol}_{args.pool}_{layer}_top1", result["top1"], 0)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
