@@ -1,4 +1,5 @@
 """The per-layer measurements on cases with known answers."""
+import json
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from pretrain.analysis import (attention_distance, attention_maps, attention_nmi, block_tokens, head_cosine,
                                high_frequency_amplitude, linear_cka, patch_distances, token_cosine)
 from pretrain.models import create_encoder
+from tests.conftest import run_cli
 
 GRID, PATCH = (4, 4), 8
 
@@ -75,3 +77,30 @@ def test_hooks_read_timm_blocks_without_changing_the_output():
     assert torch.allclose(maps[3].sum(dim=-1), torch.ones(2, 3, 17), atol=1e-5)
     assert all(block.attn.fused_attn == encoder.blocks[0].attn.fused_attn for block in encoder.blocks)
     assert not math.isnan(float(attention_distance(maps[0], GRID, PATCH).mean()))
+
+
+def test_lg_analyze_compares_encoders_layer_by_layer(demo_shards, tmp_path):
+    from tests.test_eval import exported_encoder
+
+    first = exported_encoder(tmp_path / "a.pth")
+    torch.manual_seed(1)
+    second = tmp_path / "b.pth"
+    torch.save(create_encoder("vit_tiny", 32, 8).state_dict(), second)
+    second.with_suffix(".json").write_text(first.with_suffix(".json").read_text())
+    result = run_cli("pretrain.analysis", first, second, "--names", "A", "B", "--val", demo_shards / "val.json",
+                     "--train", demo_shards / "train.json", "--images", "16", "--out", tmp_path / "out",
+                     "--tb", tmp_path / "tb")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"A", "B"}
+    for key in ("attention_distance_px", "attention_nmi", "token_cosine", "head_cosine", "fourier_high_frequency",
+                "linear_probe", "cka_layers"):
+        assert len(results["A"][key]) == 12, key
+    assert results["A"]["cka_layers"][4][4] == pytest.approx(1.0) and len(results["B"]["cka_vs_A"]) == 12
+    for name in ("attention_distance_px", "attention_nmi", "cka_layers", "cka_models", "linear_probe"):
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "analysis/attention_distance_px" in events.Tags()["images"]
