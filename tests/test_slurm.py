@@ -154,3 +154,16 @@ def test_local_executor_runs_the_same_job_without_slurm(manifest, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished: exit codes [0, 0]" in result.stdout
     assert run_state(tmp_path / "ckpt")["world_size"] == 2 and latest_tag(tmp_path / "ckpt") == tag_of(2)
+
+
+def test_requeues_are_bounded(monkeypatch):
+    import submitit
+
+    from slurm.submit import Trainer
+
+    trainer = Trainer("configs/demo.yaml", ["run.max_steps=2"], max_requeues=3)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    again = trainer.checkpoint()
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function.overrides == ["run.max_steps=2"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert trainer.checkpoint() is None  # submitit then ends the job instead of requeuing it
