@@ -13,7 +13,7 @@ import yaml
 from pretrain.errors import UserError
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
-METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim")
+METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune")
 GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -121,6 +121,16 @@ class ConMIMConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (method: finetune, lg-eval finetune): the starting weights are graft.init."""
+
+    val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_finetune.json); empty: none
+    num_classes: int = 0  # 0: as many as data.train's manifest lists
+    pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
+    label_smoothing: float = 0.1
+
+
+@dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr x global batch / 256
     min_lr: float = 0.0
@@ -176,6 +186,7 @@ class Config:
     simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
     cmae: CMAEConfig = field(default_factory=CMAEConfig)
     conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     graft: GraftConfig = field(default_factory=GraftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -205,6 +216,9 @@ class Config:
              "byol.momentum", "in [0, 1) (cmae.momentum and conmim.momentum too)"),
             (min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
              "simclr.temperature", "positive (cmae.temperature and conmim.temperature too)"),
+            (self.finetune.pool in ("mean", "token"), "finetune.pool", "mean or token"),
+            (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
+             "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
             (self.graft.rule in GRAFT_RULES, "graft.rule", f"one of {', '.join(GRAFT_RULES)}"),
             (self.graft.rule == "none" or self.optim.layer_decay == 1, "graft.rule",

@@ -234,7 +234,7 @@ def _train(config, stop):
                 torch.manual_seed(mix_seed(config.run.seed, rank(), step, -1))
                 monitor.extra(step, *objective.diagnostics(images))
             torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
-            outputs = engine(images)
+            outputs = engine(images, batch["labels"].to(device)) if objective.uses_labels else engine(images)
             # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
             # so that every rank takes the same decision at the same step.
             status = torch.tensor([outputs["loss"].detach().float(), float(not torch.isfinite(outputs["loss"])),

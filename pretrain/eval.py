@@ -1,7 +1,9 @@
-"""lg-eval: frozen-feature evaluation, weighted kNN and a linear probe on the sharded splits.
+"""lg-eval: evaluation of a pretrained encoder on the sharded splits: weighted kNN and a linear probe on
+frozen features, and full fine-tuning.
 
-    lg-eval knn    ENCODER --train TRAIN.json --val VAL.json [--pool token|mean] [--layer i]
-    lg-eval linear ENCODER --train TRAIN.json --val VAL.json [--fraction 0.01] [--epochs 300]
+    lg-eval knn      ENCODER --train TRAIN.json --val VAL.json [--pool token|mean] [--layer i]
+    lg-eval linear   ENCODER --train TRAIN.json --val VAL.json [--fraction 0.01] [--epochs 300]
+    lg-eval finetune ENCODER --train TRAIN.json --val VAL.json [--config configs/finetune_vit_b.yaml] [key=value ...]
 
 ENCODER: a run directory, an lg-export .pth (its .json beside it says the architecture), or a release
 file (`{'model': ...}`, MoCo-style prefixes; give --arch, --img-size, --patch-size). Prints and writes a
@@ -15,6 +17,11 @@ JSON result (--out, default beside the encoder), and the accuracy as a TensorBoa
   exp(sim / 0.07).
 * `linear_probe_accuracy`: MAE's linear probe on frozen features: BatchNorm without affine parameters,
   then a linear layer; trained full-batch with AdamW here (features fit in memory at toy scale).
+* finetune: a training run of `method: finetune` (pretrain/methods/finetune.py) by the pretraining
+  engine, so DeepSpeed, checkpoints, resumption and launchers are the same; run it under torchrun for
+  several processes, or as `lg-submit --config configs/finetune_vit_b.yaml graft.init=... finetune.val=...`
+  on Slurm. `finetune_result` then measures the last checkpoint on the val split (every rank its share
+  of the shards) and writes RUN_DIR/eval_finetune.json, RUN_DIR/classifier.pth and `eval/finetune_top1`.
 """
 import argparse
 import json
@@ -32,6 +39,8 @@ from pretrain.errors import UserError, cli_entry
 from pretrain.grafting import load_start_weights
 from pretrain.models import TIMM_NAMES, create_encoder
 from pretrain.views import normalize
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def encoder_from(source, arch, img_size, patch_size):
@@ -100,6 +109,66 @@ def subset(labels, fraction, seed=0):
     return torch.cat(chosen)
 
 
+def finetune_result(config, step):
+    """Top-1 of fine-tuning run `config` (its latest checkpoint) on finetune.val, as a result dict.
+
+    Rank 0 consolidates the checkpoint into RUN_DIR/classifier.pth (the fine-tuned encoder and head,
+    float32); every rank then classifies its share of the val shards and the counts are summed. Rank 0
+    writes RUN_DIR/eval_finetune.json and `eval/finetune_top1` to the run's TensorBoard log.
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from data_prep.manifest import Manifest
+    from pretrain import checkpoint
+    from pretrain.distributed import is_distributed, rank, world_size
+    from pretrain.export import consolidated_state_dict
+    from pretrain.methods.finetune import FineTune
+
+    run_dir = Path(config.run.dir)
+    weights = run_dir / "classifier.pth"
+    if rank() == 0:
+        state = consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt"))
+        torch.save(state, weights.with_name(".classifier.pth.tmp"))
+        weights.with_name(".classifier.pth.tmp").replace(weights)
+    if is_distributed():
+        dist.barrier()
+    model = FineTune.from_config(config)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    device = torch.device(get_accelerator().current_device_name())
+    model.to(device).eval()
+
+    manifest = Manifest.load(config.finetune.val)
+    readers = min(world_size(), len(manifest.shards))  # a rank without a shard only adds zeros
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    if rank() < readers:
+        loader = make_loader(manifest, config.deepspeed.micro_batch_size, view="eval", img_size=config.data.img_size,
+                             mode="epoch", num_workers=min(config.data.num_workers, len(manifest.shards) // readers),
+                             rank=rank(), world_size=readers)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=device.type == "cuda" and config.deepspeed.precision != "fp32")
+        for batch in tqdm(loader.epoch(0), total=loader.num_batches(0), desc="val", unit="batch", disable=rank() > 0):
+            with autocast:
+                counts[0] += model.correct(normalize(batch["images"], device), batch["labels"].to(device))
+            counts[1] += len(batch["labels"])
+    if is_distributed():
+        dist.all_reduce(counts)
+    result = {"protocol": "finetune", "encoder": config.graft.init, "run_dir": str(run_dir), "arch": config.model.arch,
+              "pool": config.finetune.pool, "layer": "last", "top1": round(100 * float(counts[0] / counts[1]), 2),
+              "val_samples": int(counts[1]), "steps": step, "classifier": str(weights)}
+    if rank() == 0:
+        (run_dir / "eval_finetune.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_scalar(run_dir / "tb", "eval/finetune_top1", result["top1"], step)
+    return result
+
+
+def write_scalar(log_dir, tag, value, step=0):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_scalar(tag, value, step)
+
+
 def architecture(source, args):
     """(arch, img_size, patch_size) of an encoder source: its run config, its lg-export .json, or flags."""
     source = Path(source)
@@ -119,17 +188,23 @@ def architecture(source, args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="lg-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("protocol", choices=["knn", "linear"])
+    parser.add_argument("protocol", choices=["knn", "linear", "finetune"])
     parser.add_argument("encoder", type=Path, help="run directory, lg-export .pth or release checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="finetune: run config overrides")
     parser.add_argument("--train", type=Path, required=True, help="train manifest written by lg-shard")
     parser.add_argument("--val", type=Path, required=True, help="val manifest written by lg-shard")
-    parser.add_argument("--pool", choices=["token", "mean"], default="token", help="class token or mean patch token")
+    parser.add_argument("--pool", choices=["token", "mean"], help="class token or mean patch token (default: "
+                        "token; finetune: the config's finetune.pool)")
     parser.add_argument("--layer", type=int, default=-1, help="features of block i (default: the last, normalized)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--fraction", type=float, default=1.0, help="linear: labelled fraction per class (0.01 = 1 %%)")
     parser.add_argument("--epochs", type=int, default=300, help="linear: full-batch epochs")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=1e-2, help="linear: AdamW learning rate")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "finetune_vit_b.yaml",
+                        help="finetune: run config (default configs/finetune_vit_b.yaml)")
+    parser.add_argument("--run-dir", type=Path, help="finetune: run directory (default: ENCODER/finetune for a run, "
+                        "else beside the file)")
     parser.add_argument("--arch", choices=sorted(TIMM_NAMES))
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int)
@@ -137,13 +212,44 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="result JSON (default: beside the encoder)")
     parser.add_argument("--tb", type=Path, help="TensorBoard log directory for the result scalar")
-    return parser.parse_args(argv)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_intermixed_args(argv)
+    if args.overrides and args.protocol != "finetune":
+        parser.error(f"key=value overrides ({args.overrides[0]}) are for finetune only")
+    return args
+
+
+def finetune(args, arch, img_size, patch_size):
+    """lg-eval finetune: train a `method: finetune` run from the encoder, then measure it on --val."""
+    from pretrain.distributed import rank
+    from pretrain.train import run
+
+    source = args.encoder
+    run_dir = args.run_dir or (source / "finetune" if source.is_dir() else source.with_name(f"{source.stem}_finetune"))
+    settings = ["method=finetune", f"graft.init={source.resolve()}", f"data.train={args.train}",
+                f"finetune.val={args.val}", f"model.arch={arch}", f"data.img_size={img_size}",
+                f"model.patch_size={patch_size}", f"run.dir={run_dir}"]
+    if args.pool:
+        settings.append(f"finetune.pool={args.pool}")
+    config = load_config(args.config, settings + args.overrides)
+    code = run(config)
+    if code == 0 and rank() == 0:
+        result = json.loads((run_dir / "eval_finetune.json").read_text())
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        if args.tb:
+            write_scalar(args.tb, "eval/finetune_top1", result["top1"])
+        print(json.dumps(result))
+    return code
 
 
 @cli_entry("lg-eval")
 def main(argv=None):
     args = parse_args(argv)
     arch, img_size, patch_size = architecture(args.encoder, args)
+    if args.protocol == "finetune":
+        return finetune(args, arch, img_size, patch_size)
+    args.pool = args.pool or "token"
     encoder = encoder_from(args.encoder, arch, img_size, patch_size)
     if not -1 <= args.layer < len(encoder.blocks):
         raise UserError(f"--layer {args.layer}: the encoder has blocks 0-{len(encoder.blocks) - 1}")
@@ -164,10 +270,7 @@ def main(argv=None):
         f"eval_{args.protocol}_{args.pool}_{layer}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.tb:
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(args.tb)) as writer:
-            writer.add_scalar(f"eval/{args.protocol}_{args.pool}_{layer}_top1", result["top1"], 0)
+        write_scalar(args.tb, f"eval/{args.protocol}_{args.pool}_{layer}_top1", result["top1"])
     print(json.dumps(result))
     return 0
 

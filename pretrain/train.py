@@ -3,13 +3,16 @@
     lg-pretrain --config configs/demo.yaml [key=value ...] [--print-param-groups]
 
 Runs alike as one process (`python -m pretrain.train`), under `torchrun` / `deepspeed` launchers and in
-Slurm tasks. Re-running the same command resumes from RUN_DIR/ckpt/latest. Exit codes: 0 done,
-2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after saving a checkpoint.
+Slurm tasks. With `method: finetune` and finetune.val set, the last checkpoint is then measured on
+that split (pretrain.eval.finetune_result). Re-running the same command resumes from RUN_DIR/ckpt/latest.
+Exit codes: 0 done, 2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after
+saving a checkpoint.
 """
 import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -54,7 +57,7 @@ def main(argv=None):
 def run(config):
     """Train `config` in this process (one rank of a job, or a world of one); the exit code. The one
     code path of every launcher: this CLI under torchrun / deepspeed, and lg-submit's Slurm tasks."""
-    from pretrain.distributed import default_env_for_single_process
+    from pretrain.distributed import default_env_for_single_process, rank
     from pretrain.engine import TrainingDiverged, train
 
     if not torch.cuda.is_available():
@@ -65,7 +68,16 @@ def run(config):
     except TrainingDiverged as error:
         print(f"lg-pretrain: stopped: {error}", file=sys.stderr)
         return 3
-    return 128 + signum if signum else 0
+    if signum:
+        return 128 + signum
+    if config.method == "finetune" and config.finetune.val:
+        from pretrain.eval import finetune_result
+
+        result = finetune_result(config, step)
+        if rank() == 0:
+            log.info("fine-tuned top-1 on %s: %.2f %% (%s)", config.finetune.val, result["top1"],
+                     Path(config.run.dir) / "eval_finetune.json")
+    return 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,16 @@ def mae_view(img_size, min_scale=0.2):
     ])
 
 
+def finetune_view(img_size):
+    """MAE's fine-tuning augmentation without mixing: random resized crop (8-100 %, bicubic), flip and
+    RandAugment (2 operations of magnitude 9, timm's rand-m9 as torchvision implements it)."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(num_ops=2, magnitude=9),
+    ])
+
+
 class TwoViews:
     """Two differently augmented views of one image (a tuple), as contrastive methods need."""
 
@@ -184,8 +194,8 @@ def hybrid_view(img_size):
     return ViewSet(mae_view(img_size), byol_view(img_size))
 
 
-VIEWS = {"eval": eval_view, "mae": mae_view, "byol": byol_view, "hybrid": hybrid_view, "simclr": simclr_view,
-         "simsiam": simsiam_view, "simmim": simmim_view, "conmim": conmim_view, "cmae": cmae_view}
+VIEWS = {"eval": eval_view, "finetune": finetune_view, "mae": mae_view, "byol": byol_view, "hybrid": hybrid_view,
+         "simclr": simclr_view, "simsiam": simsiam_view, "simmim": simmim_view, "conmim": conmim_view, "cmae": cmae_view}
 
 
 def make_view(name, img_size):

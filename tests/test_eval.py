@@ -1,11 +1,18 @@
-"""Frozen-feature evaluation: known cases, and lg-eval on real shards."""
+"""Evaluation: frozen-feature protocols on known cases, fine-tuning, and lg-eval on real shards."""
 import json
+import math
 
+import pytest
 import torch
+from timm.layers import DropPath
 
+from pretrain.config import load_config
 from pretrain.eval import knn_accuracy, linear_probe_accuracy, subset
+from pretrain.methods import build_objective
+from pretrain.methods.finetune import FineTune
 from pretrain.models import create_encoder
-from tests.conftest import run_cli
+from pretrain.param_groups import objective_param_groups
+from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
 
 
 def test_knn_on_one_hot_label_features_is_perfect():
@@ -65,9 +72,67 @@ def test_lg_eval_errors_name_the_problem(demo_shards, tmp_path):
     bad_layer = run_cli("pretrain.eval", "knn", release, *shards, "--arch", "vit_tiny", "--img-size", "32",
                         "--patch-size", "8", "--layer", "12")
     assert bad_layer.returncode == 2 and "blocks 0-11" in bad_layer.stderr
+    stray = run_cli("pretrain.eval", "knn", release, *shards, "optim.base_lr=1")
+    assert stray.returncode == 2 and "for finetune only" in stray.stderr
 
 
 def test_subset_keeps_a_fraction_of_every_class():
     labels = torch.arange(1000) % 10
     chosen = subset(labels, 0.01)
     assert len(chosen) == 10 and sorted(labels[chosen].tolist()) == list(range(10))
+
+
+def test_finetune_objective_learns_separable_classes_with_label_smoothing():
+    torch.manual_seed(0)
+    model = FineTune(create_encoder("vit_tiny", 16, 8, drop_path=0.1), num_classes=2, pool="mean")
+    images = torch.randn(32, 3, 16, 16) * 0.1
+    labels = torch.arange(32) % 2
+    images[labels == 1] += 1.0  # class 1 is brighter
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        outputs = model(images, labels)
+        outputs["loss"].backward()
+        optimizer.step()
+    model.eval()
+    assert model.correct(images, labels) == 32 and outputs["train_top1"] == 1.0
+    # Label smoothing 0.1 over 2 classes bounds the loss below by the entropy of (0.95, 0.05).
+    assert outputs["loss"] > 0.95 * -math.log(0.95) + 0.05 * -math.log(0.05) - 1e-3
+
+
+def test_finetune_groups_decay_the_learning_rate_by_depth():
+    config = load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"])
+    objective = build_objective(config)
+    groups = objective_param_groups(objective, config)
+    scale = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
+    depth = len(objective.encoder.blocks)
+    assert scale == {layer: 0.75 ** (depth + 1 - layer) for layer in range(depth + 2)}
+    head = next(g for g in groups if "head.weight" in g["names"])
+    assert head["lr_scale"] == 1.0 and head["weight_decay"] == 0.05
+    assert any(isinstance(m, DropPath) for m in objective.encoder.modules())
+
+
+def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, zero3_config):
+    """Real DeepSpeed ZeRO-3 (every parameter partitioned), 2 processes: a few steps from an exported
+    encoder, then the val split measured by both ranks, a classifier file, JSON and TensorBoard."""
+    encoder = exported_encoder(tmp_path / "encoder.pth")
+    result = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain.eval",
+                     "finetune", encoder, "--train", demo_shards / "train.json", "--val", demo_shards / "val.json",
+                     "--config", REPO / "configs" / "finetune_demo.yaml", "run.max_steps=3", "run.log_every=1",
+                     "deepspeed.micro_batch_size=16", f"deepspeed.config={zero3_config}", "--out",
+                     tmp_path / "result.json", env=TRAIN_ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "encoder_finetune"
+    reported = json.loads((run_dir / "eval_finetune.json").read_text())
+    assert reported == json.loads((tmp_path / "result.json").read_text())
+    assert reported["val_samples"] == 359 and reported["steps"] == 3 and 0 <= reported["top1"] <= 100
+    assert result.stdout.count('"protocol": "finetune"') == 1  # printed by rank 0 only
+    config = load_config(run_dir / "config.yaml")
+    assert (config.model.patch_size, config.method, config.graft.init) == (8, "finetune", str(encoder))
+    classifier = FineTune.from_config(config)
+    classifier.load_state_dict(torch.load(run_dir / "classifier.pth", weights_only=True), strict=True)
+    events = tensorboard(run_dir)
+    assert [e.value for e in events.Scalars("eval/finetune_top1")] == [pytest.approx(reported["top1"])]
+    assert len(events.Scalars("train_top1")) == 3
+    first, head = events.Scalars("lr/layers_0")[-1].value, events.Scalars("lr/layers_13")[-1].value
+    assert math.isclose(first / head, 0.75 ** 13, rel_tol=1e-4)

@@ -1,8 +1,9 @@
-"""Self-supervised objectives. Each is an `Objective` built from the config; the engine knows no method."""
+"""Self-supervised objectives (and supervised fine-tuning). Each is an `Objective` built from the config; the engine knows no method."""
 from pretrain.grafting import L1Pull, load_start_weights
 from pretrain.methods.base import Objective
 from pretrain.methods.byol import BYOL
 from pretrain.methods.cmae import CMAE
+from pretrain.methods.finetune import FineTune
 from pretrain.methods.conmim import ConMIM
 from pretrain.methods.hybrid import Hybrid
 from pretrain.methods.mae import MAE
@@ -13,7 +14,8 @@ from pretrain.methods.simsiam import SimSiam
 from pretrain.param_groups import layer_id
 
 OBJECTIVES = {"mae": MAE, "mocov3": MoCoV3, "hybrid": Hybrid, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
-              "simmim": SimMIM, "cmae": CMAE, "conmim": ConMIM}
+              "simmim": SimMIM, "cmae": CMAE, "conmim": ConMIM,
+              "finetune": FineTune}
 
 
 def build_objective(config):

@@ -8,7 +8,8 @@ class Objective(nn.Module):
     * `view`: the name of the augmentation the loader must produce (see pretrain.views).
     * `encoder`: the timm ViT that is exported at the end.
     * `forward(images)` -> dict with a scalar `loss` and any other scalars worth logging; `images` is a
-      normalized float batch, or a list of them for multi-view methods.
+      normalized float batch, or a list of them for multi-view methods. With `uses_labels` (supervised
+      fine-tuning) the engine calls `forward(images, labels)`.
     * `after_step(step, total_steps)`: called on every rank after each optimizer step (momentum updates).
     * `extra_state()` / `load_extra_state(state)`: what the checkpoint must hold besides the engine's
       module and optimizer (say, a momentum encoder kept outside the engine).
@@ -20,6 +21,7 @@ class Objective(nn.Module):
     """
 
     view = "eval"
+    uses_labels = False
     encoder: nn.Module
 
     def __init__(self):
