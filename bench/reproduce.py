@@ -65,9 +65,10 @@ def train(name, seed, steps, workdir, shards):
 
 def evaluate(encoder, shards):
     scores = {}
+    (train, train_y), (val, val_y) = (extract_features(encoder, shards / f"{split}.json", 32, ("mean", "token"))
+                                      for split in ("train", "val"))
     for pool in ("mean", "token"):
-        train_f, train_y = extract_features(encoder, shards / "train.json", 32, pool)
-        val_f, val_y = extract_features(encoder, shards / "val.json", 32, pool)
+        train_f, val_f = train[pool, -1], val[pool, -1]
         scores[f"knn_{pool}"] = 100 * knn_accuracy(train_f, train_y, val_f, val_y)
         scores[f"linear_{pool}"] = 100 * linear_probe_accuracy(train_f, train_y, val_f, val_y)
         few = few_shot(train_y, SHOTS)

@@ -167,21 +167,6 @@ def measure(encoder, images, patch_size):
     return result, features
 
 
-@torch.no_grad()
-def class_tokens_per_layer(encoder, manifest, img_size, batch_size=256):
-    """([per block: (N, D) class tokens], labels) of a whole split, in one pass."""
-    loader = make_loader(manifest, batch_size, view="eval", img_size=img_size, mode="epoch", num_workers=1,
-                         rank=0, world_size=1)
-    per_layer, labels = [[] for _ in encoder.blocks], []
-    for batch in loader.epoch(0):
-        with block_tokens(encoder) as tokens:
-            encoder.forward_features(normalize(batch["images"]))
-        for store, layer_tokens in zip(per_layer, tokens):
-            store.append(layer_tokens[:, 0].float())
-        labels.append(batch["labels"])
-    return [torch.cat(store) for store in per_layer], torch.cat(labels)
-
-
 def plot(results, names, out_dir, writer=None):
     """One PNG per measure, every encoder overlaid; CKA as heatmaps. Returns the paths."""
     import matplotlib
@@ -247,7 +232,7 @@ def main(argv=None):
         raise UserError(f"--names gives {len(names)} names for {len(args.encoders)} encoders")
     args.out.mkdir(parents=True, exist_ok=True)
     results, first_features = [], None
-    from pretrain.eval import architecture, encoder_from, linear_probe_accuracy
+    from pretrain.eval import architecture, encoder_from, extract_features, linear_probe_accuracy
 
     for source, name in tqdm(list(zip(args.encoders, names)), desc="encoders", unit="encoder"):
         arch, img_size, patch_size = architecture(source, args)
@@ -258,10 +243,11 @@ def main(argv=None):
         else:
             result[f"cka_vs_{names[0]}"] = [[linear_cka(a, b) for a in first_features] for b in features]
         if args.train:
-            (train_f, train_y), (val_f, val_y) = (class_tokens_per_layer(encoder, split, img_size)
+            layers = range(len(encoder.blocks))
+            (train_f, train_y), (val_f, val_y) = (extract_features(encoder, split, img_size, layers=layers)
                                                   for split in (args.train, args.val))
-            result["linear_probe"] = [100 * linear_probe_accuracy(t, train_y, v, val_y, epochs=100)
-                                      for t, v in zip(train_f, val_f)]
+            result["linear_probe"] = [100 * linear_probe_accuracy(train_f["token", i], train_y, val_f["token", i],
+                                                                  val_y, epochs=100) for i in layers]
         results.append(result)
     writer = None
     if args.tb:

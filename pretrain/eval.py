@@ -11,8 +11,8 @@ JSON result (--out, default beside the encoder), and the accuracy as a TensorBoa
 
 * `encoder_from(source, arch, img_size, patch)`: a timm encoder with the weights of a run directory,
   an lg-export file or an official release file (read as grafting reads them).
-* `extract_features`: one pass over a split in epoch mode (every image once, eval view), the encoder's
-  class token (`pool="token"`) or mean patch token (`pool="mean"`).
+* `extract_features`: one pass over a split in epoch mode (every image once, eval view): the class
+  token (`pool="token"`) and/or mean patch token (`pool="mean"`) of any blocks.
 * `knn_accuracy`: weighted kNN as in InstDisc / DINO: cosine similarity, k = 20 neighbours voting with
   exp(sim / 0.07).
 * `linear_probe_accuracy`: MAE's linear probe on frozen features: BatchNorm without affine parameters,
@@ -37,7 +37,7 @@ from pretrain.config import load_config
 from pretrain.data import make_loader
 from pretrain.errors import UserError, cli_entry
 from pretrain.grafting import load_start_weights
-from pretrain.models import TIMM_NAMES, create_encoder
+from pretrain.models import TIMM_NAMES, create_encoder, pool_tokens
 from pretrain.views import normalize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,23 +50,24 @@ def encoder_from(source, arch, img_size, patch_size):
 
 
 @torch.no_grad()
-def extract_features(encoder, manifest, img_size, pool="token", batch_size=256, num_workers=1, layer=-1,
+def extract_features(encoder, manifest, img_size, pools=("token",), layers=(-1,), batch_size=256, num_workers=1,
                      progress=False):
-    """(features, labels) of every image of a split, in shard order; `layer` >= 0: that block's output
-    (before the final norm) instead of the normalized last one."""
+    """({(pool, layer): (N, D) features}, labels) of every image of a split, in shard order, in one pass.
+
+    pool "token": the class token, "mean": the mean patch token; layer -1: the normalized output of the
+    last block, i >= 0: the output of block i (before the final norm).
+    """
     loader = make_loader(manifest, batch_size, view="eval", img_size=img_size, mode="epoch",
                          num_workers=num_workers, rank=0, world_size=1)
-    features, labels = [], []
+    features, labels = {(pool, layer): [] for pool in pools for layer in layers}, []
     batches = tqdm(loader.epoch(0), total=loader.num_batches(0), desc="features", unit="batch", disable=not progress)
     for batch in batches:
         with block_tokens(encoder) as per_block:
-            tokens = encoder.forward_features(normalize(batch["images"]))
-        if layer >= 0:
-            tokens = per_block[layer]
-        pooled = tokens[:, 0] if pool == "token" else tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
-        features.append(pooled.float())
+            last = encoder.forward_features(normalize(batch["images"]))
+        for (pool, layer), store in features.items():
+            store.append(pool_tokens(encoder, last if layer < 0 else per_block[layer], pool).float())
         labels.append(batch["labels"])
-    return torch.cat(features), torch.cat(labels)
+    return {key: torch.cat(store) for key, store in features.items()}, torch.cat(labels)
 
 
 @torch.no_grad()
@@ -253,10 +254,11 @@ def main(argv=None):
     encoder = encoder_from(args.encoder, arch, img_size, patch_size)
     if not -1 <= args.layer < len(encoder.blocks):
         raise UserError(f"--layer {args.layer}: the encoder has blocks 0-{len(encoder.blocks) - 1}")
-    options = dict(pool=args.pool, batch_size=args.batch_size, num_workers=args.workers, layer=args.layer,
+    options = dict(pools=[args.pool], layers=[args.layer], batch_size=args.batch_size, num_workers=args.workers,
                    progress=True)
-    train_f, train_y = extract_features(encoder, args.train, img_size, **options)
-    val_f, val_y = extract_features(encoder, args.val, img_size, **options)
+    train, train_y = extract_features(encoder, args.train, img_size, **options)
+    val, val_y = extract_features(encoder, args.val, img_size, **options)
+    train_f, val_f = train[args.pool, args.layer], val[args.pool, args.layer]
     if args.protocol == "knn":
         accuracy = knn_accuracy(train_f, train_y, val_f, val_y, args.k, args.temperature)
     else:

@@ -37,6 +37,11 @@ def encoder_for(config, grad_checkpointing=False):
     return create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path, grad_checkpointing)
 
 
+def pool_tokens(encoder, tokens, pool):
+    """Of (N, T, D) encoder tokens: the class token (`pool="token"`) or the mean of the patch tokens ("mean")."""
+    return tokens[:, 0] if pool == "token" else tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
+
+
 def set_sincos_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
     """Fill a (1, prefix + H*W, dim) position embedding with fixed 2-D sin-cos values (zeros for the
     prefix tokens, as in MAE) and freeze it."""

@@ -15,12 +15,7 @@ from torch import nn
 from data_prep.manifest import Manifest
 from pretrain.errors import UserError
 from pretrain.methods.base import Objective
-from pretrain.models import encoder_for
-
-
-def pool_tokens(encoder, tokens, pool):
-    """The class token, or the mean of the patch tokens, of the encoder's (normalized) output."""
-    return tokens[:, 0] if pool == "token" else tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
+from pretrain.models import encoder_for, pool_tokens
 
 
 def num_classes_of(config):
