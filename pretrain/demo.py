@@ -4,21 +4,27 @@
 
 Steps: write the demo data set -> shard train and val -> verify the shards -> read them back through
 the training loader (resampled, MAE view) and the evaluation loader (epoch mode) -> pretrain a ViT-Tiny
-with MAE on 2 processes (DeepSpeed ZeRO-1 on gloo, configs/demo.yaml) -> continue it with layer-grafted
-MoCo v3 (configs/graft_demo.yaml: the MAE weights in both encoders, blocks 0-7 at a tenth of the
-learning rate) -> export both encoders as timm state_dicts -> say where the TensorBoard logs are. Every step is idempotent: a second run reuses what
-the first one wrote, and the training resumes from its last checkpoint.
+with MAE on 2 processes (DeepSpeed ZeRO-1 on gloo, configs/demo.yaml) -> train MoCo v3 from scratch as
+the contrastive baseline and continue the MAE weights with layer-grafted MoCo v3 (both
+configs/graft_demo.yaml: the grafted run has the MAE weights in both encoders and blocks 0-7 at a
+tenth of the learning rate) -> export the encoders as timm state_dicts -> kNN and linear-probe
+accuracy of each, as a table -> lg-analyze's per-layer plots of the three -> say where everything
+is. Every step is idempotent: a second run reuses what the first one wrote, and the training resumes
+from its last checkpoint.
 """
 import argparse
 import collections
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from data_prep import demo_data, shard, verify
-from pretrain import export
+from pretrain import analysis, export
 from pretrain.data import make_loader
 from pretrain.errors import UserError, cli_entry
 
@@ -88,19 +94,72 @@ def main(argv=None):
         print(f"{split:5s} {options['mode']:9s} view={options['view']:4s} {batches} batches, {samples} samples, "
               f"images {sorted(shapes)} uint8, bad samples {bad}, {samples / seconds:.0f} img/s\n"
               f"      labels {histogram}")
-    mae_dir, graft_dir = args.workdir / "mae", args.workdir / "graft"
-    print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {mae_dir}")
-    pretrain("demo.yaml", mae_dir, shards / "train.json", args.processes)
-    print(f"== 6. grafted MoCo v3 from the MAE weights, lower blocks at 0.1x the lr -> {graft_dir}")
-    pretrain("graft_demo.yaml", graft_dir, shards / "train.json", args.processes, f"graft.init={mae_dir}")
-    print("== 7. export the encoders")
-    for run_dir in (mae_dir, graft_dir):
-        kwargs = export.export(run_dir, run_dir / "encoder.pth")
-        print(f"wrote {run_dir / 'encoder.pth'} (timm.create_model({kwargs['model_name']!r}, num_classes=0, "
-              f"img_size={kwargs['img_size']}, patch_size={kwargs['patch_size']}) loads it strictly)")
+    runs = {"MAE": args.workdir / "mae", "MoCo v3": args.workdir / "mocov3", "MIM->CL": args.workdir / "graft"}
+    print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {runs['MAE']}")
+    pretrain("demo.yaml", runs["MAE"], shards / "train.json", args.processes)
+    print(f"== 6. MoCo v3 from scratch, the contrastive baseline -> {runs['MoCo v3']}")
+    pretrain("graft_demo.yaml", runs["MoCo v3"], shards / "train.json", args.processes, "graft.rule=none", "graft.init=")
+    print(f"== 7. grafted MoCo v3 from the MAE weights, lower blocks at 0.1x the lr -> {runs['MIM->CL']}")
+    pretrain("graft_demo.yaml", runs["MIM->CL"], shards / "train.json", args.processes, f"graft.init={runs['MAE']}")
+    print("== 8. export the encoders")
+    encoders = {name: run_dir / "encoder.pth" for name, run_dir in runs.items()}
+    for run_dir, encoder in zip(runs.values(), encoders.values()):
+        if not up_to_date(encoder, run_dir / "ckpt" / "latest"):
+            export.export(run_dir, encoder)
+        call = ", ".join(f"{k}={v!r}" for k, v in json.loads(encoder.with_suffix(".json").read_text())["timm"].items())
+        print(f"{encoder}: timm.create_model({call}) loads it strictly")
+    results_file = args.workdir / "eval.json"
+    print(f"== 9. frozen-feature evaluation: class token of the last block, val split -> {results_file}")
+    if not up_to_date(results_file, *encoders.values()):
+        results = evaluate(encoders, shards)
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+    print(format_table(json.loads(results_file.read_text())))
+    analysis_dir = args.workdir / "analysis"
+    print(f"== 10. per-layer analyses of the three encoders -> {analysis_dir}")
+    if not up_to_date(analysis_dir / "results.json", *encoders.values()):
+        analysis.main([*map(str, encoders.values()), "--names", *encoders, "--val", str(shards / "val.json"),
+                       "--train", str(shards / "train.json"), "--out", str(analysis_dir), "--tb",
+                       str(analysis_dir / "tb")])
     print(f"demo finished; everything is under {args.workdir}\n"
-          f"TensorBoard: tensorboard --logdir {args.workdir}  (runs mae/tb and graft/tb)")
+          f"accuracies: {results_file}\n"
+          f"plots: {', '.join(sorted(path.name for path in analysis_dir.glob('*.png')))} in {analysis_dir}\n"
+          f"TensorBoard: tensorboard --logdir {args.workdir}  (runs mae/tb, mocov3/tb, graft/tb, analysis/tb)")
     return 0
+
+
+def up_to_date(output, *inputs):
+    """`output` exists and is newer than every input (a step a second demo run can skip)."""
+    return output.is_file() and all(output.stat().st_mtime >= path.stat().st_mtime for path in inputs)
+
+
+def evaluate(encoders, shards):
+    """kNN (k 20, T 0.07) and linear-probe top-1 (%) of each exported encoder and of a random one; also
+    written to each run's TensorBoard log."""
+    from pretrain.eval import architecture, encoder_from, extract_features, knn_accuracy, linear_probe_accuracy, \
+        write_scalar
+    from pretrain.models import create_encoder
+
+    arch, img_size, patch_size = architecture(next(iter(encoders.values())), None)
+    torch.manual_seed(0)
+    models = {"random init": create_encoder(arch, img_size, patch_size).eval()}
+    models.update({name: encoder_from(path, arch, img_size, patch_size) for name, path in encoders.items()})
+    results = {}
+    for name, model in models.items():
+        (train, train_y), (val, val_y) = (extract_features(model, shards / f"{split}.json", img_size)
+                                          for split in ("train", "val"))
+        train_f, val_f = train["token", -1], val["token", -1]
+        results[name] = {"knn_top1": round(100 * knn_accuracy(train_f, train_y, val_f, val_y), 2),
+                         "linear_top1": round(100 * linear_probe_accuracy(train_f, train_y, val_f, val_y), 2)}
+        if name in encoders:
+            for key, value in results[name].items():
+                write_scalar(encoders[name].parent / "tb", f"eval/{key}", value)
+    return results
+
+
+def format_table(results):
+    lines = [f"{'encoder':<12}{'kNN top-1':>11}{'linear top-1':>14}"]
+    lines += [f"{name:<12}{r['knn_top1']:>10.1f}%{r['linear_top1']:>13.1f}%" for name, r in results.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

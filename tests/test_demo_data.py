@@ -1,4 +1,6 @@
 """The embedded data set and the commands around it."""
+import json
+
 import pytest
 import timm
 import torch
@@ -39,21 +41,36 @@ def test_console_scripts_are_declared():
 
 @pytest.mark.dist
 def test_demo_runs_end_to_end_and_again(tmp_path):
-    """data set -> shards -> loaders -> MAE on 2 processes -> export -> TensorBoard; then again, resuming."""
-    first = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=900)
+    """data set -> shards -> loaders -> MAE, MoCo v3 and grafted MoCo v3 on 2 processes -> export ->
+    kNN / linear table -> analysis plots -> TensorBoard; then again, resuming and reusing."""
+    demo = tmp_path / "demo"
+    first = run_cli("pretrain.demo", "--workdir", demo, timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     assert "train resampled view=mae  22 batches, 1408 samples" in first.stdout
     assert "val   epoch     view=eval 7 batches, 359 samples" in first.stdout
-    run_dir, graft_dir = tmp_path / "demo" / "mae", tmp_path / "demo" / "graft"
-    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'demo'}" in first.stdout
+    run_dir, moco_dir, graft_dir = demo / "mae", demo / "mocov3", demo / "graft"
+    assert f"TensorBoard: tensorboard --logdir {demo}" in first.stdout
     losses = scalar_values(run_dir, "loss")
     assert len(losses) == 22 and losses[-1] < 0.7 * losses[0], losses
-    assert f"encoder initialized from {run_dir}" in first.stdout
-    graft_lrs = {tag for tag in tensorboard(graft_dir).Tags()["scalars"] if tag.startswith("lr/layers_")}
-    assert graft_lrs == {"lr/layers_0-8", "lr/layers_9-13"}
-    for directory in (run_dir, graft_dir):
+    assert f"encoder initialized from {run_dir}" in first.stdout and first.stdout.count("encoder initialized") == 1
+    lr_tags = lambda d: {tag for tag in tensorboard(d).Tags()["scalars"] if tag.startswith("lr/layers_")}
+    assert lr_tags(graft_dir) == {"lr/layers_0-8", "lr/layers_9-13"} and lr_tags(moco_dir) == {"lr/layers_0-13"}
+    for directory in (run_dir, moco_dir, graft_dir):
         encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4)
         encoder.load_state_dict(torch.load(directory / "encoder.pth"), strict=True)
-    second = run_cli("pretrain.demo", "--workdir", tmp_path / "demo", timeout=900)
+        assert len(scalar_values(directory, "eval/knn_top1")) == 1
+    results = json.loads((demo / "eval.json").read_text())
+    assert list(results) == ["random init", "MAE", "MoCo v3", "MIM->CL"]
+    assert all(0 <= r[key] <= 100 for r in results.values() for key in ("knn_top1", "linear_top1"))
+    assert f"{'MAE':<12}{results['MAE']['knn_top1']:>10.1f}%" in first.stdout  # the printed table
+    analysis = json.loads((demo / "analysis" / "results.json").read_text())
+    assert list(analysis) == ["MAE", "MoCo v3", "MIM->CL"] and len(analysis["MAE"]["linear_probe"]) == 12
+    plots = {path.name for path in (demo / "analysis").glob("*.png")}
+    assert {"attention_distance_px.png", "attention_nmi.png", "cka_layers.png", "cka_models.png",
+            "linear_probe.png"} <= plots
+    assert all(name in first.stdout for name in plots)
+    stamp = (demo / "eval.json").stat().st_mtime
+    second = run_cli("pretrain.demo", "--workdir", demo, timeout=900)
     assert second.returncode == 0 and "already complete" in second.stdout
     assert "resumed" in second.stdout and "step 220/220" not in second.stdout
+    assert (demo / "eval.json").stat().st_mtime == stamp and "random init" in second.stdout
