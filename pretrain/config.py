@@ -128,6 +128,9 @@ class FinetuneConfig:
     num_classes: int = 0  # 0: as many as data.train's manifest lists
     pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
     label_smoothing: float = 0.1
+    min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
+    flip: bool = True  # ... horizontal flips ...
+    rand_augment: int = 9  # ... and RandAugment of this magnitude (0: off)
 
 
 @dataclass
@@ -217,6 +220,8 @@ class Config:
             (min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
              "simclr.temperature", "positive (cmae.temperature and conmim.temperature too)"),
             (self.finetune.pool in ("mean", "token"), "finetune.pool", "mean or token"),
+            (0 < self.finetune.min_scale <= 1 and 0 <= self.finetune.rand_augment <= 30, "finetune.min_scale",
+             "in (0, 1] (rand_augment in 0-30)"),
             (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
              "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),

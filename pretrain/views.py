@@ -61,14 +61,14 @@ def mae_view(img_size, min_scale=0.2):
     ])
 
 
-def finetune_view(img_size):
-    """MAE's fine-tuning augmentation without mixing: random resized crop (8-100 %, bicubic), flip and
-    RandAugment (2 operations of magnitude 9, timm's rand-m9 as torchvision implements it)."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandAugment(num_ops=2, magnitude=9),
-    ])
+def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment=9):
+    """MAE's fine-tuning augmentation without mixing: random resized crop (min_scale-100 %, bicubic),
+    horizontal flip and RandAugment (2 operations of magnitude `rand_augment`, timm's rand-m9 as
+    torchvision implements it; 0 turns it off)."""
+    steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True)]
+    steps += [v2.RandomHorizontalFlip()] if flip else []
+    steps += [v2.RandAugment(num_ops=2, magnitude=rand_augment)] if rand_augment else []
+    return v2.Compose(steps)
 
 
 class TwoViews:
@@ -199,6 +199,9 @@ VIEWS = {"eval": eval_view, "finetune": finetune_view, "mae": mae_view, "byol": 
 
 
 def make_view(name, img_size):
+    """The view called `name` at `img_size`; `name` may also be a function of img_size (a configured view)."""
+    if callable(name):
+        return name(img_size)
     if name not in VIEWS:
         raise ValueError(f"unknown view {name!r}; known: {', '.join(sorted(VIEWS))}")
     return VIEWS[name](img_size)

@@ -7,11 +7,13 @@ import torch
 from timm.layers import DropPath
 
 from pretrain.config import load_config
+from pretrain.errors import UserError
 from pretrain.eval import knn_accuracy, linear_probe_accuracy, subset
 from pretrain.methods import build_objective
 from pretrain.methods.finetune import FineTune
 from pretrain.models import create_encoder
 from pretrain.param_groups import objective_param_groups
+from pretrain.views import make_view
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
 
 
@@ -109,7 +111,21 @@ def test_finetune_groups_decay_the_learning_rate_by_depth():
     assert scale == {layer: 0.75 ** (depth + 1 - layer) for layer in range(depth + 2)}
     head = next(g for g in groups if "head.weight" in g["names"])
     assert head["lr_scale"] == 1.0 and head["weight_decay"] == 0.05
+    position = next(g for g in groups if "encoder.pos_embed" in g["names"])  # trained, as MAE fine-tunes
+    assert position["lr_scale"] == 0.75 ** (depth + 1) and position["weight_decay"] == 0
     assert any(isinstance(m, DropPath) for m in objective.encoder.modules())
+
+
+def test_finetune_augmentation_follows_the_config():
+    mild = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"]))
+    assert [type(t).__name__ for t in make_view(mild.view, 32).transforms] == ["RandomResizedCrop"]
+    full = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", [
+        "finetune.num_classes=10", "finetune.flip=true", "finetune.rand_augment=9", "finetune.min_scale=0.08"]))
+    transforms = make_view(full.view, 32).transforms
+    assert [type(t).__name__ for t in transforms] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
+    assert transforms[0].scale == (0.08, 1.0) and transforms[2].magnitude == 9
+    with pytest.raises(UserError, match="finetune.pool"):
+        load_config(None, ["finetune.pool=max"])
 
 
 def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, zero3_config):

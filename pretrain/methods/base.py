@@ -5,7 +5,8 @@ from torch import nn
 class Objective(nn.Module):
     """A self-supervised method: it owns its encoder and heads.
 
-    * `view`: the name of the augmentation the loader must produce (see pretrain.views).
+    * `view`: the name of the augmentation the loader must produce (see pretrain.views), or a function
+      of img_size that makes it (a configured one).
     * `encoder`: the timm ViT that is exported at the end.
     * `forward(images)` -> dict with a scalar `loss` and any other scalars worth logging; `images` is a
       normalized float batch, or a list of them for multi-view methods. With `uses_labels` (supervised
