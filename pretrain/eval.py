@@ -123,15 +123,13 @@ def finetune_result(config, step):
     from data_prep.manifest import Manifest
     from pretrain import checkpoint
     from pretrain.distributed import is_distributed, rank, world_size
-    from pretrain.export import consolidated_state_dict
+    from pretrain.export import consolidated_state_dict, save_atomic
     from pretrain.methods.finetune import FineTune
 
     run_dir = Path(config.run.dir)
     weights = run_dir / "classifier.pth"
     if rank() == 0:
-        state = consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt"))
-        torch.save(state, weights.with_name(".classifier.pth.tmp"))
-        weights.with_name(".classifier.pth.tmp").replace(weights)
+        save_atomic(consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt")), weights)
     if is_distributed():
         dist.barrier()
     model = FineTune.from_config(config)

@@ -49,6 +49,15 @@ def consolidated_state_dict(ckpt_dir, tag):
     return state
 
 
+def save_atomic(state, out):
+    """torch.save `state` to `out` through a temporary file: a crash never leaves half a file there."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, out)
+
+
 def export(run_dir, out, tag=None):
     """Write the encoder of `run_dir`'s checkpoint (latest by default) to `out`; return the timm kwargs."""
     import timm
@@ -67,10 +76,7 @@ def export(run_dir, out, tag=None):
     model = timm.create_model(pretrained=False, **kwargs)
     model.load_state_dict(encoder, strict=True)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    torch.save(encoder, temporary)
-    os.replace(temporary, out)
+    save_atomic(encoder, out)
     info = {"timm": kwargs, "run_dir": str(run_dir), "checkpoint": tag, "method": config.method}
     out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return kwargs
