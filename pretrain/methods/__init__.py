@@ -1,10 +1,11 @@
-"""Self-supervised objectives (and supervised fine-tuning). Each is an `Objective` built from the config; the engine knows no method."""
+"""Self-supervised objectives, and supervised fine-tuning. Each is an `Objective` built from the config;
+the engine knows no method."""
 from pretrain.grafting import L1Pull, load_start_weights
 from pretrain.methods.base import Objective
 from pretrain.methods.byol import BYOL
 from pretrain.methods.cmae import CMAE
-from pretrain.methods.finetune import FineTune
 from pretrain.methods.conmim import ConMIM
+from pretrain.methods.finetune import FineTune
 from pretrain.methods.hybrid import Hybrid
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
