@@ -16,6 +16,7 @@ ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune")
 GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DECAY_EXEMPTIONS = ("none", "1d", "1d_tokens")  # see pretrain.param_groups.uses_weight_decay
 
 
 @dataclass
@@ -143,6 +144,9 @@ class OptimConfig:
     warmup_epochs: float = 40
     clip_grad: float = 0.0  # global gradient-norm clipping; 0 turns it off
     layer_decay: float = 1.0  # lr_scale = layer_decay ** (depth + 1 - layer_id); 1.0: every layer alike
+    # Parameters without weight decay: none | 1d (biases, norms) | 1d_tokens (and position embeddings,
+    # class / mask tokens); empty: the method's official recipe (MoCo v3 none, MAE 1d, fine-tuning 1d_tokens).
+    decay_exempt: str = ""
 
 
 @dataclass
@@ -206,6 +210,8 @@ class Config:
              "between 0 and optim.epochs (> 0)"),
             (len(self.optim.betas) == 2, "optim.betas", "two numbers"),
             (0 < self.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1]"),
+            (self.optim.decay_exempt in ("", *DECAY_EXEMPTIONS), "optim.decay_exempt",
+             f"empty (the method's recipe) or one of {', '.join(DECAY_EXEMPTIONS)}"),
             (0 <= self.moco.momentum < 1, "moco.momentum", "in [0, 1)"),
             (self.moco.temperature > 0, "moco.temperature", "positive"),
             (0 <= self.hybrid.weight <= 1, "hybrid.weight", "in [0, 1]"),

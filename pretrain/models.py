@@ -3,7 +3,6 @@ import functools
 
 import timm
 import torch
-from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 TIMM_NAMES = {
@@ -42,10 +41,26 @@ def pool_tokens(encoder, tokens, pool):
     return tokens[:, 0] if pool == "token" else tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
 
 
+def sincos_2d_table(grid_size, dim):
+    """MAE's fixed 2-D sin-cos position table (facebookresearch/mae, util/pos_embed.py): for the patch in
+    row h, column w (index h * W + w), the channel quarters are sin(w w_k), cos(w w_k), sin(h w_k),
+    cos(h w_k) with w_k = 10000 ** (-k / (dim / 4)). timm's build_sincos2d_pos_embed holds the same
+    values with the quarters in another order (sin h, sin w, cos h, cos w); MAE's order matters when
+    a release checkpoint's fixed tables meet ours. Returns (H * W, dim) float32."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, not {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0], dtype=torch.float32),
+                                torch.arange(grid_size[1], dtype=torch.float32), indexing="ij")
+    by_col, by_row = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    return torch.cat([by_col.sin(), by_col.cos(), by_row.sin(), by_row.cos()], dim=1)
+
+
 def set_sincos_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
-    """Fill a (1, prefix + H*W, dim) position embedding with fixed 2-D sin-cos values (zeros for the
-    prefix tokens, as in MAE) and freeze it."""
-    table = build_sincos2d_pos_embed(list(grid_size), pos_embed.shape[-1])
+    """Fill a (1, prefix + H*W, dim) position embedding with MAE's fixed 2-D sin-cos table (zeros for
+    the prefix tokens, as in MAE) and freeze it."""
+    table = sincos_2d_table(grid_size, pos_embed.shape[-1])
     with torch.no_grad():
         pos_embed.zero_()
         pos_embed[0, num_prefix_tokens:] = table
@@ -65,8 +80,8 @@ def enable_block_checkpointing(blocks):
 
 
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
-    """MoCo v3's projector/predictor: bias-free linears with BatchNorm + ReLU between them and,
-    optionally, a BatchNorm without affine parameters at the end."""
+    """MoCo v3's MLP (moco/builder.py, `_build_mlp`): bias-free linears with BatchNorm + ReLU between
+    them and, with `last_bn`, a BatchNorm without affine parameters after the last one."""
     layers = []
     for index in range(num_layers):
         dim_in = in_dim if index == 0 else hidden_dim

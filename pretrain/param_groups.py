@@ -11,7 +11,7 @@ import re
 
 BLOCK = re.compile(r"(?:^|\.)encoder\.blocks\.(\d+)\.")
 EMBEDDING = re.compile(r"(?:^|\.)encoder\.(patch_embed|cls_token|pos_embed|reg_token)")
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token", "reg_token")
+TOKENS = ("pos_embed", "cls_token", "mask_token", "reg_token")
 
 
 def layer_id(name, depth):
@@ -22,10 +22,22 @@ def layer_id(name, depth):
     return int(block.group(1)) + 1 if block else depth + 1
 
 
-def uses_weight_decay(name, param):
-    """Biases, norms (every 1-D parameter) and position embeddings / tokens are not decayed."""
+def uses_weight_decay(name, param, exempt="1d_tokens"):
+    """Whether `param` is weight-decayed under the exemption rule `exempt` (each method's recipe, or
+    optim.decay_exempt):
+
+    * "none": every parameter is decayed (MoCo v3: AdamW over model.parameters(), main_moco.py);
+    * "1d": all but biases and norm weights, the parameters of fewer than 2 dims (MAE's pretraining
+      through timm's add_weight_decay; the Layer-Grafted recipe's param_groups_lrd_moco);
+    * "1d_tokens": nor the position embeddings and class / mask / register tokens (MAE's fine-tuning
+      and BEiT, which add the model's no_weight_decay() names).
+    """
+    if exempt == "none":
+        return True
     shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 zero.Init leaves p.shape empty
-    return len(shape) > 1 and not name.split(".")[-1].endswith(NO_WEIGHT_DECAY)
+    if len(shape) < 2:
+        return False
+    return exempt == "1d" or not name.split(".")[-1].endswith(TOKENS)
 
 
 def layer_decay_rule(depth, decay):
@@ -61,8 +73,9 @@ def graft_rule(graft, depth):
     return lambda layer: 1.0
 
 
-def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0):
-    """Groups for torch optimizers: dicts with params, weight_decay, lr_scale and layer_ids (sorted).
+def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0, decay_exempt="1d_tokens"):
+    """Groups for torch optimizers: dicts with params, weight_decay, lr_scale and layer_ids (sorted);
+    `decay_exempt` names the parameters without weight decay (see `uses_weight_decay`).
 
     Frozen parameters (requires_grad False) are left out; a layer whose lr_scale is 0 is frozen here.
     """
@@ -75,7 +88,7 @@ def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0
         if scale == 0:
             param.requires_grad_(False)
             continue
-        decay = weight_decay if uses_weight_decay(name, param) else 0.0
+        decay = weight_decay if uses_weight_decay(name, param, decay_exempt) else 0.0
         group = groups.setdefault((scale, decay), {"params": [], "names": [], "weight_decay": decay,
                                                    "lr_scale": scale, "layer_ids": set()})
         group["params"].append(param)
@@ -106,8 +119,10 @@ def format_param_groups(groups):
 
 
 def objective_param_groups(objective, config):
-    """The groups of a training run: the graft rule, or layer decay from config.optim (1.0 = every layer alike)."""
+    """The groups of a training run: the graft rule, or layer decay from config.optim (1.0 = every layer
+    alike); weight-decay exemptions from optim.decay_exempt, or the method's recipe when it is empty."""
     depth = len(objective.encoder.blocks)
     rule = graft_rule(config.graft, depth) if config.graft.rule != "none" else \
         layer_decay_rule(depth, config.optim.layer_decay)
-    return param_groups(objective, depth, config.optim.weight_decay, rule)
+    exempt = config.optim.decay_exempt or objective.decay_exempt
+    return param_groups(objective, depth, config.optim.weight_decay, rule, exempt)

@@ -5,6 +5,8 @@ from torch import nn
 class Objective(nn.Module):
     """A self-supervised method: it owns its encoder and heads.
 
+    * `decay_exempt`: the parameters the method's official recipe does not weight-decay ("none", "1d"
+      or "1d_tokens": see pretrain.param_groups.uses_weight_decay); optim.decay_exempt overrides it.
     * `view`: the name of the augmentation the loader must produce (see pretrain.views), or a function
       of img_size that makes it (a configured one).
     * `encoder`: the timm ViT that is exported at the end.
@@ -22,6 +24,7 @@ class Objective(nn.Module):
     """
 
     view = "eval"
+    decay_exempt = "1d_tokens"
     uses_labels = False
     encoder: nn.Module
 

@@ -57,6 +57,7 @@ class MAEDecoder(nn.Module):
 
 class MAE(Objective):
     view = "mae"
+    decay_exempt = "1d"  # main_pretrain.py: timm's add_weight_decay spares 1-D parameters only (tokens decay)
 
     def __init__(self, encoder, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  norm_pix_loss=True, grad_checkpointing=False):

@@ -14,13 +14,16 @@ from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_b
 
 class MoCoV3(MomentumObjective):
     view = "byol"
+    decay_exempt = "none"  # main_moco.py: AdamW(model.parameters(), weight_decay=0.1) decays everything
 
     def __init__(self, encoder, mlp_dim=4096, out_dim=256, temperature=0.2, momentum=0.99,
                  freeze_patch_embed=True, grad_checkpointing=False):
         super().__init__()
         self.encoder = encoder
         self.projector = sync_batchnorm(mlp(3, encoder.embed_dim, mlp_dim, out_dim))
-        self.predictor = sync_batchnorm(mlp(2, out_dim, mlp_dim, out_dim, last_bn=False))
+        # Both end in a BatchNorm without affine parameters: moco-v3's MoCo_ViT builds its predictor with
+        # _build_mlp's default last_bn=True (only the ResNet predictor passes False).
+        self.predictor = sync_batchnorm(mlp(2, out_dim, mlp_dim, out_dim))
         self.temperature = temperature
         if freeze_patch_embed:
             encoder.patch_embed.requires_grad_(False)
