@@ -11,6 +11,8 @@ from pathlib import Path
 import yaml
 
 from pretrain.errors import UserError
+from pretrain.views import (ViewConfig, byol_recipe, cmae_recipe, conmim_recipe, mae_recipe, simclr_recipe,
+                            simmim_recipe, simsiam_recipe)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune")
@@ -58,6 +60,7 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    view: ViewConfig = field(default_factory=mae_recipe)  # also the masked view of hybrid
 
 
 @dataclass
@@ -67,6 +70,8 @@ class MoCoConfig:
     out_dim: int = 256
     momentum: float = 0.99  # start of the cosine schedule to 1
     freeze_patch_embed: bool = True  # MoCo v3's stability trick: a fixed random patch projection
+    view1: ViewConfig = field(default_factory=byol_recipe)  # BYOL's asymmetric pair (also hybrid's)
+    view2: ViewConfig = field(default_factory=lambda: byol_recipe(second=True))
 
 
 @dataclass
@@ -79,6 +84,7 @@ class SimCLRConfig:
     temperature: float = 0.1
     mlp_dim: int = 2048  # projector: encoder -> mlp_dim -> out_dim, BatchNorm between
     out_dim: int = 128
+    view: ViewConfig = field(default_factory=simclr_recipe)  # both views
 
 
 @dataclass
@@ -86,18 +92,22 @@ class BYOLConfig:
     mlp_dim: int = 4096  # projector and predictor: 2 layers, mlp_dim hidden
     out_dim: int = 256
     momentum: float = 0.996  # start of the cosine schedule to 1
+    view1: ViewConfig = field(default_factory=byol_recipe)
+    view2: ViewConfig = field(default_factory=lambda: byol_recipe(second=True))
 
 
 @dataclass
 class SimSiamConfig:
     dim: int = 2048  # projector: 3 layers of dim, BatchNorm after each
     pred_dim: int = 512  # predictor bottleneck
+    view: ViewConfig = field(default_factory=simsiam_recipe)  # both views
 
 
 @dataclass
 class SimMIMConfig:
     mask_ratio: float = 0.6
     mask_patch_size: int = 32  # pixels; masked squares are this size (a multiple of the patch size)
+    view: ViewConfig = field(default_factory=simmim_recipe)
 
 
 @dataclass
@@ -111,6 +121,7 @@ class CMAEConfig:
     temperature: float = 0.07
     momentum: float = 0.996  # constant
     contrast_weight: float = 1.0  # lambda_c
+    view: ViewConfig = field(default_factory=cmae_recipe)  # before the pixel shift
 
 
 @dataclass
@@ -119,6 +130,7 @@ class ConMIMConfig:
     mask_patch_size: int = 32  # pixels, as SimMIM
     temperature: float = 0.1  # of the patch-level InfoNCE (our choice: not in the seed notes)
     momentum: float = 0.996  # slow encoder, constant (our choice: not in the seed notes)
+    view: ViewConfig = field(default_factory=conmim_recipe)  # crop + flip shared; colour for the slow branch
 
 
 @dataclass
@@ -248,6 +260,8 @@ class Config:
                     "deepspeed.grad_accum", "data.shuffle_buffer", "mae.decoder_dim", "mae.decoder_heads",
                     "moco.mlp_dim", "moco.out_dim"]
         checks += [(get_key(self, key) > 0, key, "positive") for key in positive]
+        checks += [(False, f"{prefix}.{name}", expected) for prefix, view in view_configs(self)
+                   for name, expected in view.problems()]
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"config key {key} = {get_key(self, key)!r} must be {expected}")
@@ -255,6 +269,16 @@ class Config:
 
     def _divides_grid(self, mask_patch):
         return mask_patch > 0 and mask_patch % self.model.patch == 0 and self.data.img_size % mask_patch == 0
+
+
+def view_configs(node, prefix=""):
+    """(dotted key, ViewConfig) of every augmentation pipeline in the config."""
+    for item in dataclasses.fields(node):
+        value = getattr(node, item.name)
+        if isinstance(value, ViewConfig):
+            yield f"{prefix}{item.name}", value
+        elif dataclasses.is_dataclass(value):
+            yield from view_configs(value, f"{prefix}{item.name}.")
 
 
 def get_key(config, dotted):

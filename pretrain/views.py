@@ -7,8 +7,11 @@ DataLoader a quarter of the bytes of float32 batches, and the consumer converts 
 its device with `normalize`. Randomness comes from torch's global generator, which the loader seeds
 per sample. See BENCHMARKS.md for the numbers.
 """
+import dataclasses
 import io
+import typing
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,14 +56,6 @@ def eval_view(img_size):
     ])
 
 
-def mae_view(img_size, min_scale=0.2):
-    """MAE's augmentation: random resized crop (scale 0.2-1) and horizontal flip, nothing else."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
-
-
 def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment=9):
     """MAE's fine-tuning augmentation without mixing: random resized crop (min_scale-100 %, bicubic),
     horizontal flip and RandAugment (2 operations of magnitude `rand_augment`, timm's rand-m9 as
@@ -71,6 +66,123 @@ def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment=9):
     return v2.Compose(steps)
 
 
+@dataclass
+class ViewConfig:
+    """One augmentation pipeline, applied in MoCo v3's (BYOL's) order: a random resized crop, then the
+    colour steps (run on PIL, which is faster at hue and blur), then a horizontal flip. A colour step
+    with probability 0 is a no-op; with every colour probability at 0 the PIL round trip is left out.
+    Each method's section holds one of these per pipeline, its paper's recipe by default (the `*_recipe`
+    functions below)."""
+
+    min_scale: float = 0.08  # random resized crop: fraction of the image area, from ...
+    max_scale: float = 1.0  # ... to
+    min_ratio: float = 0.75  # aspect ratio of the crop, from ...
+    max_ratio: float = 4 / 3  # ... to
+    interpolation: str = "bilinear"  # bilinear | bicubic (MAE, SimMIM)
+    jitter: typing.List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast,
+    jitter_p: float = 0.8  # saturation, hue strengths of the colour jitter, and its probability
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: typing.List[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
+    solarize_p: float = 0.0
+    flip: bool = True  # horizontal flip with probability 0.5
+
+    def problems(self):
+        """(field, what it must be) for every out-of-range value."""
+        checks = [
+            (0 < self.min_scale <= self.max_scale <= 1, "min_scale", "in (0, 1] and <= max_scale (<= 1)"),
+            (0 < self.min_ratio <= self.max_ratio, "min_ratio", "positive and <= max_ratio"),
+            (self.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}"),
+            (len(self.jitter) == 4 and min(self.jitter) >= 0 and self.jitter[3] <= 0.5, "jitter",
+             "4 strengths >= 0 (brightness, contrast, saturation, hue <= 0.5)"),
+            (len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma",
+             "two numbers 0 < low <= high"),
+        ]
+        checks += [(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+                   for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p")]
+        return [(name, expected) for ok, name, expected in checks if not ok]
+
+    @property
+    def has_colour(self):
+        return max(self.jitter_p if any(self.jitter) else 0.0, self.grayscale_p, self.blur_p, self.solarize_p) > 0
+
+
+NO_COLOUR = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def mae_recipe():
+    """MAE (main_pretrain.py): crop of 20-100 % (bicubic) and a flip, nothing else."""
+    return ViewConfig(min_scale=0.2, interpolation="bicubic", **NO_COLOUR)
+
+
+def simmim_recipe():
+    """SimMIM: crop of 67-100 % (bicubic), aspect 3/4-4/3, and a flip."""
+    return ViewConfig(min_scale=0.67, interpolation="bicubic", **NO_COLOUR)
+
+
+def byol_recipe(second=False):
+    """BYOL's asymmetric pair, as MoCo v3 (main_moco.py) uses it: crops of 8-100 %, colour jitter
+    0.4/0.4/0.2/0.1 with p 0.8, grayscale p 0.2, Gaussian blur p 1.0 (first) / 0.1 (second), solarize
+    p 0 / 0.2, flip."""
+    return ViewConfig(blur_p=0.1, solarize_p=0.2) if second else ViewConfig()
+
+
+def simclr_recipe():
+    """SimCLR's augmentation (both views): crops of 8-100 %, colour jitter of strength 1
+    (0.8/0.8/0.8/0.2, p 0.8), grayscale p 0.2, blur p 0.5, flip."""
+    return ViewConfig(jitter=[0.8, 0.8, 0.8, 0.2], blur_p=0.5)
+
+
+def simsiam_recipe():
+    """SimSiam's (MoCo v2's) augmentation (both views): crops of 20-100 %, jitter 0.4/0.4/0.4/0.1 p 0.8,
+    grayscale p 0.2, blur p 0.5, flip."""
+    return ViewConfig(min_scale=0.2, jitter=[0.4, 0.4, 0.4, 0.1], blur_p=0.5)
+
+
+def conmim_recipe():
+    """ConMIM: one crop of 8-100 % (bicubic) and flip shared by both branches; the slow branch also gets
+    BYOL's colour jitter, grayscale and a blur with p 0.5."""
+    return ViewConfig(interpolation="bicubic", blur_p=0.5)
+
+
+def cmae_recipe():
+    """CMAE: MAE's crop of 20-100 % (bicubic) and flip, before the pixel shift; no colour."""
+    return mae_recipe()
+
+
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": BICUBIC}
+
+
+def random_crop(img_size, view):
+    return v2.RandomResizedCrop(img_size, scale=(view.min_scale, view.max_scale),
+                                ratio=(view.min_ratio, view.max_ratio),
+                                interpolation=INTERPOLATIONS[view.interpolation], antialias=True)
+
+
+def colour(view):
+    """The colour steps of `view` on a uint8 tensor: jitter, grayscale, blur, solarize (through PIL)."""
+    return v2.Compose([
+        v2.ToPILImage(),
+        v2.RandomApply([v2.ColorJitter(*view.jitter)], p=view.jitter_p),
+        v2.RandomGrayscale(p=view.grayscale_p),
+        v2.RandomApply([PILGaussianBlur(tuple(view.blur_sigma))], p=view.blur_p),
+        v2.RandomSolarize(threshold=128, p=view.solarize_p),
+        v2.PILToTensor(),
+    ])
+
+
+def augmentation(img_size, view):
+    """The pipeline a `ViewConfig` describes: crop, colour (if any), flip (if on)."""
+    steps = [random_crop(img_size, view)]
+    steps += [colour(view)] if view.has_colour else []
+    steps += [v2.RandomHorizontalFlip()] if view.flip else []
+    return v2.Compose(steps)
+
+
+def single_view(img_size, view):
+    return augmentation(img_size, view)
+
+
 class TwoViews:
     """Two differently augmented views of one image (a tuple), as contrastive methods need."""
 
@@ -79,6 +191,11 @@ class TwoViews:
 
     def __call__(self, image):
         return self.first(image), self.second(image)
+
+
+def two_views(img_size, first, second):
+    """Views from `first` and from `second` (ViewConfigs; the same one for symmetric recipes)."""
+    return TwoViews(augmentation(img_size, first), augmentation(img_size, second))
 
 
 class PILGaussianBlur:
@@ -93,76 +210,31 @@ class PILGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def photometric(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
-    """Colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur and solarize on a uint8 tensor, run on
-    PIL, which is faster at hue and blur."""
-    return v2.Compose([
-        v2.ToPILImage(),
-        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([PILGaussianBlur()], p=blur_p),
-        v2.RandomSolarize(threshold=128, p=solarize_p),
-        v2.PILToTensor(),
-    ])
-
-
-def crop_and_colour(img_size, min_scale, **colour):
-    """A random resized crop (on the tensor), `photometric(**colour)`, a horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
-                       photometric(**colour), v2.RandomHorizontalFlip()])
-
-
-def byol_view(img_size):
-    """BYOL's asymmetric pair of augmentations, as MoCo v3 uses them: crops of 8-100 %, colour jitter
-    0.4/0.4/0.2/0.1 with p=0.8, grayscale p=0.2, Gaussian blur p=1.0 / 0.1, solarize p=0 / 0.2, flip."""
-    return TwoViews(crop_and_colour(img_size, 0.08, blur_p=1.0, solarize_p=0.0),
-                    crop_and_colour(img_size, 0.08, blur_p=0.1, solarize_p=0.2))
-
-
-def simclr_view(img_size):
-    """SimCLR's augmentation twice: crops of 8-100 %, colour jitter of strength 1 (0.8/0.8/0.8/0.2,
-    p=0.8), grayscale p=0.2, blur p=0.5, flip."""
-    augmentation = crop_and_colour(img_size, 0.08, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)
-    return TwoViews(augmentation, augmentation)
-
-
-def simsiam_view(img_size):
-    """SimSiam's (MoCo v2's) augmentation twice: crops of 20-100 %, jitter 0.4/0.4/0.4/0.1 p=0.8,
-    grayscale p=0.2, blur p=0.5, flip."""
-    augmentation = crop_and_colour(img_size, 0.2, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
-    return TwoViews(augmentation, augmentation)
-
-
-def simmim_view(img_size):
-    """SimMIM's augmentation: random resized crop of 67-100 % (aspect 3/4-4/3) and a flip."""
-    return mae_view(img_size, min_scale=0.67)
-
-
 class SharedCrop:
-    """One crop and flip of the image, then two photometric treatments of it: views whose patches are
-    at the same positions (ConMIM's patch-level dictionary needs that)."""
+    """One crop and flip of the image, then two treatments of it: views whose patches are at the same
+    positions (ConMIM's patch-level dictionary needs that)."""
 
-    def __init__(self, img_size, first, second):
-        self.geometry = mae_view(img_size, min_scale=0.08)
-        self.first, self.second = first, second
+    def __init__(self, geometry, first, second):
+        self.geometry, self.first, self.second = geometry, first, second
 
     def __call__(self, image):
         image = self.geometry(image)
         return self.first(image), self.second(image)
 
 
-def conmim_view(img_size):
-    """ConMIM's asymmetric pair: the masked online branch sees the basic crop, the slow encoder the same
-    crop with strong colour augmentation (BYOL's jitter, grayscale, blur p=0.5)."""
-    return SharedCrop(img_size, lambda image: image, photometric(blur_p=0.5))
+def conmim_view(img_size, view):
+    """ConMIM's asymmetric pair: the masked online branch sees the crop of `view`, the slow encoder the
+    same crop with `view`'s colour steps."""
+    geometry = augmentation(img_size, ViewConfig(**{**dataclasses.asdict(view), **NO_COLOUR}))
+    return SharedCrop(geometry, lambda image: image, colour(view))
 
 
 class PixelShift:
-    """CMAE's pixel shifting: one random resized crop to img_size + shift pixels, then two img_size
-    crops at independent random offsets: views of the same content, up to `shift` pixels apart."""
+    """CMAE's pixel shifting: one augmentation to img_size + shift pixels, then two img_size crops at
+    independent random offsets: views of the same content, up to `shift` pixels apart."""
 
-    def __init__(self, img_size, shift):
-        self.master = mae_view(img_size + shift, min_scale=0.2)
+    def __init__(self, master, img_size):
+        self.master = master
         self.crop = v2.RandomCrop(img_size)
 
     def __call__(self, image):
@@ -170,9 +242,10 @@ class PixelShift:
         return self.crop(image), self.crop(image)
 
 
-def cmae_view(img_size):
+def cmae_view(img_size, view):
     """CMAE's views: the paper's 31-pixel shift at 224 px, scaled with the image size."""
-    return PixelShift(img_size, max(1, round(31 * img_size / 224)))
+    shift = max(1, round(31 * img_size / 224))
+    return PixelShift(augmentation(img_size + shift, view), img_size)
 
 
 class ViewSet:
@@ -189,13 +262,34 @@ class ViewSet:
         return tuple(views)
 
 
-def hybrid_view(img_size):
-    """The MAE view and BYOL's two views of each image, for the hybrid MIM + CL loss."""
-    return ViewSet(mae_view(img_size), byol_view(img_size))
+def hybrid_view(img_size, masked, first, second):
+    """The MIM view and the two contrastive views of each image, for the hybrid MIM + CL loss."""
+    return ViewSet(augmentation(img_size, masked), two_views(img_size, first, second))
 
 
-VIEWS = {"eval": eval_view, "finetune": finetune_view, "mae": mae_view, "byol": byol_view, "hybrid": hybrid_view,
-         "simclr": simclr_view, "simsiam": simsiam_view, "simmim": simmim_view, "conmim": conmim_view, "cmae": cmae_view}
+class Configured:
+    """A view for the loader, a function of img_size: `builder(img_size, *views)` for ViewConfigs `views`."""
+
+    def __init__(self, builder, *views):
+        self.builder, self.views = builder, views
+
+    def __call__(self, img_size):
+        return self.builder(img_size, *self.views)
+
+
+# The views by name, each paper's recipe: what `Objective.view` names when no config chose one.
+VIEWS = {
+    "eval": eval_view,
+    "finetune": finetune_view,
+    "mae": Configured(single_view, mae_recipe()),
+    "simmim": Configured(single_view, simmim_recipe()),
+    "byol": Configured(two_views, byol_recipe(), byol_recipe(second=True)),
+    "simclr": Configured(two_views, simclr_recipe(), simclr_recipe()),
+    "simsiam": Configured(two_views, simsiam_recipe(), simsiam_recipe()),
+    "hybrid": Configured(hybrid_view, mae_recipe(), byol_recipe(), byol_recipe(second=True)),
+    "conmim": Configured(conmim_view, conmim_recipe()),
+    "cmae": Configured(cmae_view, cmae_recipe()),
+}
 
 
 def make_view(name, img_size):

@@ -5,6 +5,7 @@ import torch
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, cosine_regression
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
+from pretrain.views import Configured, two_views
 
 
 class BYOL(MomentumObjective):
@@ -23,7 +24,9 @@ class BYOL(MomentumObjective):
     def from_config(cls, config):
         m, c = config.model, config.byol
         encoder = encoder_for(config)
-        return cls(encoder, c.mlp_dim, c.out_dim, c.momentum, m.grad_checkpointing)
+        byol = cls(encoder, c.mlp_dim, c.out_dim, c.momentum, m.grad_checkpointing)
+        byol.view = Configured(two_views, c.view1, c.view2)
+        return byol
 
     def forward(self, views):
         first, second = views

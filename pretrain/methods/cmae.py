@@ -12,6 +12,7 @@ from pretrain.methods.mae import MAE, MAEDecoder
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
 from pretrain.models import (enable_block_checkpointing, encoder_for, mlp, sync_batchnorm,
                              use_encoder_tokens)
+from pretrain.views import Configured, cmae_view
 
 
 class CMAE(MomentumObjective):
@@ -40,6 +41,7 @@ class CMAE(MomentumObjective):
                    c.out_dim, c.temperature, c.momentum, c.contrast_weight)
         if m.grad_checkpointing:  # after the momentum copy: it runs without gradients
             enable_block_checkpointing(encoder.blocks)
+        cmae.view = Configured(cmae_view, c.view)
         return cmae
 
     def target_embedding(self, images):

@@ -13,6 +13,7 @@ from torch import nn
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective
 from pretrain.methods.simmim import MaskedPatches
 from pretrain.models import enable_block_checkpointing, encoder_for
+from pretrain.views import Configured, conmim_view
 
 
 class ConMIM(MaskedPatches, MomentumObjective):
@@ -31,7 +32,9 @@ class ConMIM(MaskedPatches, MomentumObjective):
     def from_config(cls, config):
         m, c = config.model, config.conmim
         encoder = encoder_for(config)
-        return cls(encoder, c.mask_ratio, c.mask_patch_size, c.temperature, c.momentum, m.grad_checkpointing)
+        conmim = cls(encoder, c.mask_ratio, c.mask_patch_size, c.temperature, c.momentum, m.grad_checkpointing)
+        conmim.view = Configured(conmim_view, c.view)
+        return conmim
 
     def forward(self, views):
         masked_view, full_view = views

@@ -11,6 +11,7 @@ from pretrain.methods.base import Objective
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
 from pretrain.models import encoder_for
+from pretrain.views import Configured, hybrid_view
 
 
 class Hybrid(Objective):
@@ -29,7 +30,9 @@ class Hybrid(Objective):
                   m.grad_checkpointing)  # initializes the shared encoder, MAE's way
         moco = MoCoV3(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
                       m.grad_checkpointing)  # copies it into the momentum branch
-        return cls(encoder, mae, moco, config.hybrid.weight)
+        hybrid = cls(encoder, mae, moco, config.hybrid.weight)
+        hybrid.view = Configured(hybrid_view, a.view, c.view1, c.view2)
+        return hybrid
 
     def losses(self, views):
         masked, first, second = views

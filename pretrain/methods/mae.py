@@ -12,7 +12,7 @@ from torch import nn
 from pretrain.methods.base import Objective
 from pretrain.models import (enable_block_checkpointing, encoder_for, patchify, set_sincos_pos_embed, unpatchify,
                              use_encoder_tokens)
-from pretrain.views import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, Configured, single_view
 
 
 def init_mae_weights(method):
@@ -77,8 +77,10 @@ class MAE(Objective):
         m = config.model
         encoder = encoder_for(config, m.grad_checkpointing)
         c = config.mae
-        return cls(encoder, c.mask_ratio, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.norm_pix_loss,
-                   m.grad_checkpointing)
+        mae = cls(encoder, c.mask_ratio, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.norm_pix_loss,
+                  m.grad_checkpointing)
+        mae.view = Configured(single_view, c.view)
+        return mae
 
     def random_masking(self, x):
         """Keep a random (1 - mask_ratio) of the tokens of each sample (per-sample shuffle by noise).

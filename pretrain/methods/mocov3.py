@@ -10,6 +10,7 @@ import torch
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
+from pretrain.views import Configured, two_views
 
 
 class MoCoV3(MomentumObjective):
@@ -35,8 +36,10 @@ class MoCoV3(MomentumObjective):
     def from_config(cls, config):
         m, c = config.model, config.moco
         encoder = encoder_for(config)
-        return cls(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
+        moco = cls(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
                    m.grad_checkpointing)
+        moco.view = Configured(two_views, c.view1, c.view2)
+        return moco
 
     def keys(self, images):
         with self.target.run(images, self.training) as target:

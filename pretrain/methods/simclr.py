@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pretrain.distributed import all_gather_with_grad, rank
 from pretrain.methods.base import Objective
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
+from pretrain.views import Configured, two_views
 
 
 class SimCLR(Objective):
@@ -28,7 +29,9 @@ class SimCLR(Objective):
     def from_config(cls, config):
         m, c = config.model, config.simclr
         encoder = encoder_for(config)
-        return cls(encoder, c.mlp_dim, c.out_dim, c.temperature, m.grad_checkpointing)
+        simclr = cls(encoder, c.mlp_dim, c.out_dim, c.temperature, m.grad_checkpointing)
+        simclr.view = Configured(two_views, c.view, c.view)
+        return simclr
 
     def forward(self, views):
         first, second = views

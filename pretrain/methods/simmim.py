@@ -11,6 +11,7 @@ from torch import nn
 from pretrain.methods.base import Objective
 from pretrain.models import (block_mask, enable_block_checkpointing, encode_with_mask_tokens, encoder_for,
                              patchify, use_encoder_tokens)
+from pretrain.views import Configured, single_view
 
 
 class MaskedPatches(Objective):
@@ -48,7 +49,9 @@ class SimMIM(MaskedPatches):
     def from_config(cls, config):
         m, c = config.model, config.simmim
         encoder = encoder_for(config)
-        return cls(encoder, c.mask_ratio, c.mask_patch_size, m.grad_checkpointing)
+        simmim = cls(encoder, c.mask_ratio, c.mask_patch_size, m.grad_checkpointing)
+        simmim.view = Configured(single_view, c.view)
+        return simmim
 
     def forward(self, images):
         tokens, mask = self.masked_tokens(images)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from pretrain.methods.base import Objective
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
+from pretrain.views import Configured, two_views
 
 
 def negative_cosine(prediction, target):
@@ -26,7 +27,9 @@ class SimSiam(Objective):
     def from_config(cls, config):
         m, c = config.model, config.simsiam
         encoder = encoder_for(config)
-        return cls(encoder, c.dim, c.pred_dim, m.grad_checkpointing)
+        simsiam = cls(encoder, c.dim, c.pred_dim, m.grad_checkpointing)
+        simsiam.view = Configured(two_views, c.view, c.view)
+        return simsiam
 
     def forward(self, views):
         z1, z2 = (self.projector(self.encoder(view)) for view in views)
