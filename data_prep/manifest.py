@@ -44,6 +44,17 @@ class Manifest:
         manifest.root = path.parent
         return manifest
 
+    def check_shards(self, source=""):
+        """Refuse (a UserError, naming `source`, say a config key) a manifest without shards or with a
+        listed shard missing."""
+        where = f"{source}: " if source else ""
+        if not self.shards:
+            raise UserError(f"{where}manifest of split {self.split!r} in {self.root} lists no shards")
+        missing = [url for url in self.urls if not os.path.isfile(url)]
+        if missing:
+            raise UserError(f"{where}shard {missing[0]} is missing ({len(missing)} of {len(self.shards)} are)")
+        return self
+
     def save(self, path):
         """Write atomically: readers never see half a manifest."""
         record = asdict(self)

@@ -31,6 +31,8 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept
     max_steps: int = 0  # stop after this many steps in total (0: run the whole schedule)
     diagnostics_every: int = 100  # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
+    knn_every: int = 0  # steps between online kNN measurements (eval/knn_top1) on data.knn_train/knn_val; 0: off
+    knn_pool: str = "token"  # the kNN monitor's features: class token | mean (of the patch tokens)
 
 
 @dataclass
@@ -39,6 +41,9 @@ class DataConfig:
     img_size: int = 224
     num_workers: int = 8
     shuffle_buffer: int = 1000
+    knn_train: str = ""  # manifests of the online kNN monitor (run.knn_every): the labelled neighbours ...
+    knn_val: str = ""  # ... and the images they classify
+    knn_per_class: int = 0  # at most this many images of a class in each (0: all), to keep it cheap
 
 
 @dataclass
@@ -243,6 +248,10 @@ class Config:
             (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
              "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
+            (self.run.knn_every >= 0 and self.data.knn_per_class >= 0, "run.knn_every", ">= 0 (data.knn_per_class too)"),
+            (self.run.knn_every == 0 or bool(self.data.knn_train and self.data.knn_val), "run.knn_every",
+             "0 unless data.knn_train and data.knn_val name the monitor's manifests"),
+            (self.run.knn_pool in ("token", "mean"), "run.knn_pool", "token or mean"),
             (self.graft.rule in GRAFT_RULES, "graft.rule", f"one of {', '.join(GRAFT_RULES)}"),
             (self.graft.rule == "none" or self.optim.layer_decay == 1, "graft.rule",
              "none when optim.layer_decay is not 1 (one learning-rate rule at a time)"),

@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import random
 import signal
 import tarfile
@@ -168,11 +167,7 @@ class ShardLoader:
 
     def _check_shards(self):
         num_shards, readers = len(self.manifest.shards), self.world_size * self.readers_per_rank
-        if num_shards == 0:
-            raise UserError(f"manifest of split {self.manifest.split!r} in {self.manifest.root} lists no shards")
-        missing = [url for url in self.manifest.urls if not os.path.isfile(url)]
-        if missing:
-            raise UserError(f"shard {missing[0]} is missing ({len(missing)} of {num_shards} are)")
+        self.manifest.check_shards()
         if self.mode == "epoch" and num_shards < readers:
             most = num_shards // self.world_size
             fix = f"use num_workers <= {most}" if most else "use fewer ranks"

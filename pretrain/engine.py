@@ -24,6 +24,7 @@ from pretrain.data import make_loader, mix_seed
 from pretrain.distributed import rank, world_size
 from pretrain.errors import UserError
 from pretrain.grad_conflict import plot_cosines
+from pretrain.knn_monitor import KNNMonitor
 from pretrain.methods import build_objective
 from pretrain.monitor import Monitor, memory_bytes
 from pretrain.param_groups import format_param_groups, layer_span, objective_param_groups
@@ -37,7 +38,8 @@ FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale
         "min_loss_scale": 1}
 # Settings that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.keep_last", "run.max_steps",
-                     "data.num_workers", "data.train")
+                     "data.num_workers", "data.train", "run.knn_every", "run.knn_pool", "data.knn_train",
+                     "data.knn_val", "data.knn_per_class")
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,8 +220,18 @@ def _train(config, stop):
         if is_main:
             log.info("saved checkpoint %s", ckpt_dir / tag)
 
+    knn = KNNMonitor(config, objective.encoder, device, d.micro_batch_size) if config.run.knn_every else None
+
+    def measure_knn(step):
+        top1 = knn.measure()
+        if is_main:
+            monitor.extra(step, {"eval/knn_top1": top1}, {})
+            log.info("step %d  kNN top-1 %.2f %% (%s)", step, top1, config.data.knn_val)
+
     last_step = min(total_steps, config.run.max_steps or total_steps)
     batches, step, sums, stopped_by = None, state["step"], {}, 0
+    if knn and step == 0:
+        measure_knn(0)  # the untrained encoder: where the curve starts
     engine.train()
     while step < last_step:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -264,6 +276,8 @@ def _train(config, stop):
                             "memory/bytes": memory_bytes(device), "epoch": step / steps_per_epoch})
             monitor.report(step, scalars)
             sums = {}
+        if knn and step % config.run.knn_every == 0:
+            measure_knn(step)
         if config.run.image_every and step % config.run.image_every == 0:
             monitor.images(step, "reconstruction", objective.images_to_log(images))
         stopped_by = (stop.reason() or signal.SIGTERM) if status[2] > 0 else 0

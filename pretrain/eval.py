@@ -13,8 +13,8 @@ JSON result (--out, default beside the encoder), and the accuracy as a TensorBoa
   an lg-export file or an official release file (read as grafting reads them).
 * `extract_features`: one pass over a split in epoch mode (every image once, eval view): the class
   token (`pool="token"`) and/or mean patch token (`pool="mean"`) of any blocks.
-* `knn_accuracy`: weighted kNN as in InstDisc / DINO: cosine similarity, k = 20 neighbours voting with
-  exp(sim / 0.07).
+* `knn_accuracy` (pretrain.knn): weighted kNN as in InstDisc / DINO: cosine similarity, k = 20
+  neighbours voting with exp(sim / 0.07).
 * `linear_probe_accuracy`: MAE's linear probe on frozen features: BatchNorm without affine parameters,
   then a linear layer; trained full-batch with AdamW here (features fit in memory at toy scale).
 * finetune: a training run of `method: finetune` (pretrain/methods/finetune.py) by the pretraining
@@ -37,6 +37,7 @@ from pretrain.config import load_config
 from pretrain.data import make_loader
 from pretrain.errors import UserError, cli_entry
 from pretrain.grafting import load_start_weights
+from pretrain.knn import knn_accuracy
 from pretrain.models import TIMM_NAMES, create_encoder, pool_tokens
 from pretrain.views import normalize
 
@@ -68,16 +69,6 @@ def extract_features(encoder, manifest, img_size, pools=("token",), layers=(-1,)
             store.append(pool_tokens(encoder, last if layer < 0 else per_block[layer], pool).float())
         labels.append(batch["labels"])
     return {key: torch.cat(store) for key, store in features.items()}, torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_accuracy(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07):
-    train_features, val_features = F.normalize(train_features, dim=1), F.normalize(val_features, dim=1)
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    similarity, index = (val_features @ train_features.T).topk(k, dim=1)
-    votes = torch.zeros(len(val_features), num_classes)
-    votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
-    return (votes.argmax(dim=1) == val_labels).float().mean().item()
 
 
 def linear_probe_accuracy(train_features, train_labels, val_features, val_labels, epochs=300, lr=1e-2,

@@ -30,17 +30,23 @@ def manifest(demo_shards):
     return demo_shards / "train.json"
 
 
+def knn_monitor(every, manifest):
+    """Overrides that turn the online kNN monitor on, on the whole demo train and val splits."""
+    return [f"run.knn_every={every}", f"data.knn_train={manifest}", f"data.knn_val={manifest.with_name('val.json')}"]
+
+
 @pytest.fixture(scope="module")
 def stage_run(manifest, tmp_path_factory, zero3_config):
     """Run (once per module) 2 steps of a method under a ZeRO stage, a checkpoint after each step.
-    Stage 3 partitions every parameter (see tests/conftest.py)."""
+    Stage 3 partitions every parameter (see tests/conftest.py); its MoCo v3 run has the kNN monitor on."""
 
     @functools.lru_cache(maxsize=None)
     def run(stage, method):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}_{method}")
         ds_config = zero3_config if stage == 3 else f"ds_configs/zero{stage}.json"
+        monitor = knn_monitor(2, manifest) if (stage, method) == (3, "mocov3") else []
         result = pretrain(run_dir, manifest, f"method={method}", f"deepspeed.config={ds_config}",
-                          "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[stage])
+                          "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[stage], *monitor)
         assert result.returncode == 0, result.stderr[-4000:]
         return run_dir
 
@@ -85,6 +91,26 @@ def test_momentum_branch_follows_the_online_weights(stage_run, stage):
         assert torch.allclose(target, expected, atol=1e-6), name
         moved += not torch.equal(target, before["momentum_branch"][name])
     assert moved > 100, "the EMA must move the momentum branch"
+
+
+def test_knn_monitor_under_zero3_measures_the_whole_encoder(stage_run, manifest):
+    """Every parameter partitioned over 2 ranks, each rank embedding half of the splits: the logged
+    kNN top-1 is the one of the consolidated encoder's features on the whole splits."""
+    from pretrain.eval import extract_features
+    from pretrain.knn import knn_accuracy
+    from pretrain.models import create_encoder
+
+    run_dir = stage_run(3, "mocov3")
+    logged = {event.step: event.value for event in tensorboard(run_dir).Scalars("eval/knn_top1")}
+    assert sorted(logged) == [0, 2]
+    encoder = create_encoder("vit_tiny", 32, 8).eval()
+    weights = consolidated_state_dict(run_dir / "ckpt", tag_of(2))
+    encoder.load_state_dict({name[len("encoder."):]: value for name, value in weights.items()
+                             if name.startswith("encoder.")}, strict=True)
+    (train, train_y), (val, val_y) = (extract_features(encoder, manifest.with_name(f"{split}.json"), 32)
+                                      for split in ("train", "val"))
+    expected = 100 * knn_accuracy(train["token", -1], train_y, val["token", -1], val_y)
+    assert logged[2] == pytest.approx(expected, abs=1e-3)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -204,13 +230,19 @@ def test_resume_after_sigkill_is_exact(manifest, tmp_path):
     assert scalar_values(interrupted, "loss")[-10:] == scalar_values(tmp_path / "straight", "loss")[-10:]
 
 
-def test_mocov3_resume_restores_the_momentum_branch_exactly(manifest, tmp_path):
+def test_mocov3_resume_restores_the_momentum_branch_exactly_with_the_knn_monitor_on(manifest, tmp_path):
+    """6 steps straight without the monitor == 3 steps with it, stop, resume to 6 with it: the monitor
+    changes no weight and resuming is exact with it on. The monitor logs from step 0 on."""
     common = ["method=mocov3", "deepspeed.config=ds_configs/zero2.json", "deepspeed.precision=fp32",
               "run.save_every=3"]
     straight = pretrain(tmp_path / "straight", manifest, *common, "run.max_steps=6")
-    first = pretrain(tmp_path / "split", manifest, *common, "run.max_steps=3")
-    second = pretrain(tmp_path / "split", manifest, *common, "run.max_steps=6")
+    monitored = [*common, *knn_monitor(2, manifest), "data.knn_per_class=20"]
+    first = pretrain(tmp_path / "split", manifest, *monitored, "run.max_steps=3")
+    second = pretrain(tmp_path / "split", manifest, *monitored, "run.max_steps=6")
     assert straight.returncode == first.returncode == second.returncode == 0, second.stderr[-3000:]
+    knn = tensorboard(tmp_path / "split").Scalars("eval/knn_top1")
+    assert [event.step for event in knn] == [0, 2, 4, 6] and all(0 <= event.value <= 100 for event in knn)
+    assert "kNN top-1" in first.stderr and "kNN monitor: 200 train and 200 val images" in first.stderr
     expected, actual = client_state(tmp_path / "straight", 6), client_state(tmp_path / "split", 6)
     assert expected["objective"]["momentum"] == actual["objective"]["momentum"]
     for name, tensor in expected["objective"]["momentum_branch"].items():
