@@ -146,3 +146,23 @@ def test_all_gather_with_grad_gives_each_rank_the_gradient_of_every_ranks_loss()
     mp.spawn(_gather_worker, args=(port, results), nprocs=2)
     total = torch.arange(12, dtype=torch.float32).view(6, 2) * (1 + 2)  # d/dx of the sum of both ranks' losses
     assert torch.equal(results[0], total[:3]) and torch.equal(results[1], total[3:])
+
+
+def test_pair_metrics_tell_agreement_spread_and_collapse():
+    from pretrain.methods.pair_metrics import pair_metrics
+
+    torch.manual_seed(0)
+    spread = torch.randn(64, 16)
+    same = pair_metrics(spread, spread)
+    assert same["repr/pair_top1"] == 1 and same["repr/alignment"] == 0
+    assert same["repr/uniformity"] < -2 and same["repr/std"] == pytest.approx(16 ** -0.5, rel=0.2)
+    shuffled = pair_metrics(spread, spread[torch.randperm(64)])
+    assert shuffled["repr/pair_top1"] < 0.1 and shuffled["repr/alignment"] > 1.5
+    collapsed = pair_metrics(torch.ones(64, 16), torch.ones(64, 16))
+    assert collapsed["repr/uniformity"] == 0 and collapsed["repr/std"] == 0 and collapsed["repr/alignment"] == 0
+
+
+@pytest.mark.parametrize("method", ["mocov3", "simclr", "byol", "simsiam"])
+def test_two_view_methods_log_the_pair_metrics(method):
+    outputs = tiny(method)(batch(method))
+    assert {"repr/pair_top1", "repr/alignment", "repr/uniformity", "repr/std"} <= set(outputs)

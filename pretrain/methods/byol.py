@@ -4,6 +4,7 @@ momentum target's projection of the other view with a normalized MSE; no negativ
 import torch
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, cosine_regression
+from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 from pretrain.views import Configured, two_views
 
@@ -30,9 +31,9 @@ class BYOL(MomentumObjective):
 
     def forward(self, views):
         first, second = views
-        p1 = self.predictor(self.projector(self.encoder(first)))
-        p2 = self.predictor(self.projector(self.encoder(second)))
+        h1, h2 = self.encoder(first), self.encoder(second)
+        p1, p2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with self.target.run(first, self.training) as target:
             z1, z2 = (target["projector"](target["encoder"](view)) for view in views)
         loss = cosine_regression(p1, z2) + cosine_regression(p2, z1)
-        return self.regularized({"loss": loss, "momentum": torch.tensor(self.target.momentum)})
+        return self.regularized({"loss": loss, "momentum": torch.tensor(self.target.momentum), **pair_metrics(h1, h2)})

@@ -9,6 +9,7 @@ Follows facebookresearch/moco-v3's moco/builder.py.
 import torch
 
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
+from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 from pretrain.views import Configured, two_views
 
@@ -47,11 +48,11 @@ class MoCoV3(MomentumObjective):
 
     def forward(self, views):
         first, second = views
-        q1 = self.predictor(self.projector(self.encoder(first)))
-        q2 = self.predictor(self.projector(self.encoder(second)))
+        h1, h2 = self.encoder(first), self.encoder(second)
+        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         k1, k2 = self.keys(first), self.keys(second)
         loss_12, pos_12, neg_12 = info_nce(q1, k2, self.temperature)
         loss_21, pos_21, neg_21 = info_nce(q2, k1, self.temperature)
         return self.regularized({"loss": (loss_12 + loss_21) * 2 * self.temperature,
                                  "logit_positive": (pos_12 + pos_21) / 2, "logit_negative": (neg_12 + neg_21) / 2,
-                                 "momentum": torch.tensor(self.target.momentum)})
+                                 "momentum": torch.tensor(self.target.momentum), **pair_metrics(h1, h2)})

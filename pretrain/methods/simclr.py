@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pretrain.distributed import all_gather_with_grad, rank
 from pretrain.methods.base import Objective
+from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 from pretrain.views import Configured, two_views
 
@@ -36,7 +37,8 @@ class SimCLR(Objective):
     def forward(self, views):
         first, second = views
         local = len(first)
-        z = [F.normalize(self.projector(self.encoder(view)).float(), dim=1) for view in views]
+        h = [self.encoder(view) for view in views]
+        z = [F.normalize(self.projector(features).float(), dim=1) for features in h]
         z1, z2 = all_gather_with_grad(z[0]), all_gather_with_grad(z[1])
         everything = torch.cat([z1, z2])  # (2M, d): the first views of the global batch, then the second
         total = len(z1)
@@ -48,4 +50,4 @@ class SimCLR(Objective):
         logits = logits.masked_fill(F.one_hot(own, len(everything)).bool(), float("-inf"))
         loss = F.cross_entropy(logits, positive)
         accuracy = (logits.argmax(dim=1) == positive).float().mean()
-        return self.regularized({"loss": loss, "contrast_accuracy": accuracy.detach()})
+        return self.regularized({"loss": loss, "contrast_accuracy": accuracy.detach(), **pair_metrics(*h)})

@@ -4,6 +4,7 @@ cosine: the stop-gradient is what keeps it from collapsing. Follows facebookrese
 import torch.nn.functional as F
 
 from pretrain.methods.base import Objective
+from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 from pretrain.views import Configured, two_views
 
@@ -32,9 +33,10 @@ class SimSiam(Objective):
         return simsiam
 
     def forward(self, views):
-        z1, z2 = (self.projector(self.encoder(view)) for view in views)
+        h1, h2 = (self.encoder(view) for view in views)
+        z1, z2 = self.projector(h1), self.projector(h2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
         # Collapse shows as the per-dimension std of the normalized output going to 0 (1/sqrt(dim) if healthy).
         spread = F.normalize(z1.detach().float(), dim=1).std(dim=0).mean()
-        return self.regularized({"loss": loss, "output_std": spread})
+        return self.regularized({"loss": loss, "output_std": spread, **pair_metrics(h1, h2)})
