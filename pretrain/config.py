@@ -52,6 +52,8 @@ class ModelConfig:
     patch_size: int = 0  # 0: 16, or 14 for vit_huge
     drop_path: float = 0.0
     grad_checkpointing: bool = False  # recompute each transformer block in the backward pass
+    # What the contrastive heads read: token (the class token, as MoCo v3) | avg (the mean patch token)
+    global_pool: str = "token"
 
     @property
     def patch(self):
@@ -219,6 +221,7 @@ class Config:
         checks = [
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
             (self.model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}"),
+            (self.model.global_pool in ("token", "avg"), "model.global_pool", "token or avg"),
             (self.deepspeed.precision in PRECISIONS, "deepspeed.precision", f"one of {', '.join(PRECISIONS)}"),
             (0 < self.mae.mask_ratio < 1, "mae.mask_ratio", "between 0 and 1"),
             (0 <= self.model.drop_path < 1, "model.drop_path", "in [0, 1)"),

@@ -5,12 +5,13 @@
 Steps: write the demo data set -> shard train and val -> verify the shards -> read them back through
 the training loader (resampled, MAE view) and the evaluation loader (epoch mode) -> pretrain a ViT-Tiny
 with MAE on 2 processes (DeepSpeed ZeRO-1 on gloo, configs/demo.yaml) -> train MoCo v3 from scratch as
-the contrastive baseline and continue the MAE weights with layer-grafted MoCo v3 (both
-configs/graft_demo.yaml: the grafted run has the MAE weights in both encoders and blocks 0-7 at a
-tenth of the learning rate) -> export the encoders as timm state_dicts -> kNN and linear-probe
-accuracy of each, as a table -> lg-analyze's per-layer plots of the three -> say where everything
-is. Every step is idempotent: a second run reuses what the first one wrote, and the training resumes
-from its last checkpoint.
+the contrastive baseline (configs/mocov3_demo.yaml) and continue the MAE weights with layer-grafted
+MoCo v3 (configs/graft_demo.yaml: the MAE weights in both encoders, blocks 0-7 at a tenth of the
+learning rate) -> export the encoders as timm state_dicts -> kNN, linear-probe and 10-shot
+linear-probe accuracy of each, as a table -> the kNN curves the online monitor logged during the
+three trainings, as a PNG -> lg-analyze's per-layer plots of the three -> say where everything is.
+Every step is idempotent: a second run reuses what the first one wrote, and the training resumes from
+its last checkpoint.
 """
 import argparse
 import collections
@@ -95,12 +96,14 @@ def main(argv=None):
               f"images {sorted(shapes)} uint8, bad samples {bad}, {samples / seconds:.0f} img/s\n"
               f"      labels {histogram}")
     runs = {"MAE": args.workdir / "mae", "MoCo v3": args.workdir / "mocov3", "MIM->CL": args.workdir / "graft"}
+    knn = ["run.knn_every=10", f"data.knn_train={shards / 'train.json'}", f"data.knn_val={shards / 'val.json'}"]
     print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {runs['MAE']}")
-    pretrain("demo.yaml", runs["MAE"], shards / "train.json", args.processes)
+    pretrain("demo.yaml", runs["MAE"], shards / "train.json", args.processes, *knn)
     print(f"== 6. MoCo v3 from scratch, the contrastive baseline -> {runs['MoCo v3']}")
-    pretrain("graft_demo.yaml", runs["MoCo v3"], shards / "train.json", args.processes, "graft.rule=none", "graft.init=")
+    pretrain("mocov3_demo.yaml", runs["MoCo v3"], shards / "train.json", args.processes, *knn)
     print(f"== 7. grafted MoCo v3 from the MAE weights, lower blocks at 0.1x the lr -> {runs['MIM->CL']}")
-    pretrain("graft_demo.yaml", runs["MIM->CL"], shards / "train.json", args.processes, f"graft.init={runs['MAE']}")
+    pretrain("graft_demo.yaml", runs["MIM->CL"], shards / "train.json", args.processes, f"graft.init={runs['MAE']}",
+             *knn)
     print("== 8. export the encoders")
     encoders = {name: run_dir / "encoder.pth" for name, run_dir in runs.items()}
     for run_dir, encoder in zip(runs.values(), encoders.values()):
@@ -114,14 +117,19 @@ def main(argv=None):
         results = evaluate(encoders, shards)
         results_file.write_text(json.dumps(results, indent=1) + "\n")
     print(format_table(json.loads(results_file.read_text())))
+    curves_file = args.workdir / "knn_curves.png"
+    print(f"== 10. kNN top-1 on val during training (the online monitor) -> {curves_file}")
+    if not up_to_date(curves_file, *encoders.values()):
+        plot_knn_curves(runs, curves_file)
     analysis_dir = args.workdir / "analysis"
-    print(f"== 10. per-layer analyses of the three encoders -> {analysis_dir}")
+    print(f"== 11. per-layer analyses of the three encoders -> {analysis_dir}")
     if not up_to_date(analysis_dir / "results.json", *encoders.values()):
         analysis.main([*map(str, encoders.values()), "--names", *encoders, "--val", str(shards / "val.json"),
                        "--train", str(shards / "train.json"), "--out", str(analysis_dir), "--tb",
                        str(analysis_dir / "tb")])
     print(f"demo finished; everything is under {args.workdir}\n"
           f"accuracies: {results_file}\n"
+          f"kNN curves: {curves_file}\n"
           f"plots: {', '.join(sorted(path.name for path in analysis_dir.glob('*.png')))} in {analysis_dir}\n"
           f"TensorBoard: tensorboard --logdir {args.workdir}  (runs mae/tb, mocov3/tb, graft/tb, analysis/tb)")
     return 0
@@ -132,11 +140,14 @@ def up_to_date(output, *inputs):
     return output.is_file() and all(output.stat().st_mtime >= path.stat().st_mtime for path in inputs)
 
 
+SHOTS = 10  # labels per class of the few-shot probe (the papers' 1 % of ImageNet, at this scale)
+COLUMNS = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "linear10shot_top1": "10-shot linear"}
+
+
 def evaluate(encoders, shards):
-    """kNN (k 20, T 0.07) and linear-probe top-1 (%) of each exported encoder and of a random one; also
-    written to each run's TensorBoard log."""
-    from pretrain.eval import architecture, encoder_from, extract_features, knn_accuracy, linear_probe_accuracy, \
-        write_scalar
+    """kNN (k 20, T 0.07), linear-probe and 10-shot linear-probe top-1 (%) of each exported encoder and
+    of a random one, on the class token; also written to each run's TensorBoard log."""
+    from pretrain.eval import architecture, encoder_from, frozen_scores, write_scalar
     from pretrain.models import create_encoder
 
     arch, img_size, patch_size = architecture(next(iter(encoders.values())), None)
@@ -145,11 +156,8 @@ def evaluate(encoders, shards):
     models.update({name: encoder_from(path, arch, img_size, patch_size) for name, path in encoders.items()})
     results = {}
     for name, model in models.items():
-        (train, train_y), (val, val_y) = (extract_features(model, shards / f"{split}.json", img_size)
-                                          for split in ("train", "val"))
-        train_f, val_f = train["token", -1], val["token", -1]
-        results[name] = {"knn_top1": round(100 * knn_accuracy(train_f, train_y, val_f, val_y), 2),
-                         "linear_top1": round(100 * linear_probe_accuracy(train_f, train_y, val_f, val_y), 2)}
+        scores = frozen_scores(model, shards / "train.json", shards / "val.json", img_size, ("token",), SHOTS)
+        results[name] = {key: round(scores[key.replace("_top1", "_token")], 2) for key in COLUMNS}
         if name in encoders:
             for key, value in results[name].items():
                 write_scalar(encoders[name].parent / "tb", f"eval/{key}", value)
@@ -157,9 +165,33 @@ def evaluate(encoders, shards):
 
 
 def format_table(results):
-    lines = [f"{'encoder':<12}{'kNN top-1':>11}{'linear top-1':>14}"]
-    lines += [f"{name:<12}{r['knn_top1']:>10.1f}%{r['linear_top1']:>13.1f}%" for name, r in results.items()]
+    lines = [f"{'encoder':<12}" + "".join(f"{title:>16}" for title in COLUMNS.values())]
+    lines += [f"{name:<12}" + "".join(f"{r[key]:>15.1f}%" for key in COLUMNS) for name, r in results.items()]
     return "\n".join(lines)
+
+
+def plot_knn_curves(runs, path):
+    """One line per run: the kNN top-1 the monitor logged (eval/knn_top1) against the training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, run_dir in runs.items():
+        events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+        events.Reload()
+        points = events.Scalars("eval/knn_top1") if "eval/knn_top1" in events.Tags()["scalars"] else []
+        axes.plot([p.step for p in points], [p.value for p in points], marker="o", markersize=3, label=name)
+    axes.set_xlabel("training step")
+    axes.set_ylabel("kNN top-1 on val (%)")
+    axes.set_title("online kNN monitor (k 20, T 0.07, class token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,26 @@ def subset(labels, fraction, seed=0):
     return torch.cat(chosen)
 
 
+def few_shot(labels, shots):
+    """Indices of the first `shots` samples of every class, in split order (the few-shot probe's labels:
+    10 per class is the papers' 1 % setting at the demo's scale)."""
+    return torch.cat([(labels == c).nonzero().flatten()[:shots] for c in labels.unique()])
+
+
+def frozen_scores(encoder, train_manifest, val_manifest, img_size, pools=("token",), shots=10):
+    """Frozen-feature top-1 (%) on val of the last block's features, per pool: kNN (`knn_<pool>`), the
+    linear probe with every label (`linear_<pool>`) and with `shots` per class (`linear<shots>shot_<pool>`)."""
+    (train, train_y), (val, val_y) = (extract_features(encoder, manifest, img_size, pools)
+                                      for manifest in (train_manifest, val_manifest))
+    few, scores = few_shot(train_y, shots), {}
+    for pool in pools:
+        train_f, val_f = train[pool, -1], val[pool, -1]
+        scores[f"knn_{pool}"] = 100 * knn_accuracy(train_f, train_y, val_f, val_y)
+        scores[f"linear_{pool}"] = 100 * linear_probe_accuracy(train_f, train_y, val_f, val_y)
+        scores[f"linear{shots}shot_{pool}"] = 100 * linear_probe_accuracy(train_f[few], train_y[few], val_f, val_y)
+    return scores
+
+
 def finetune_result(config, step):
     """Top-1 of fine-tuning run `config` (its latest checkpoint) on finetune.val, as a result dict.
 

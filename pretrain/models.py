@@ -18,11 +18,16 @@ def timm_name(arch):
     return TIMM_NAMES[arch]
 
 
-def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing=False):
+def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing=False, global_pool="token"):
     """A timm VisionTransformer without classifier head, with fixed 2-D sin-cos position embeddings
-    (as MAE and MoCo v3 use); `timm.create_model(timm_name(arch), num_classes=0)` loads its state_dict."""
+    (as MAE and MoCo v3 use); `timm.create_model(timm_name(arch), num_classes=0)` loads its state_dict.
+
+    `global_pool` is what `encoder(images)` returns: the class token ("token", MoCo v3's choice) or the
+    mean patch token ("avg"). It is set after creation, so the parameters stay those of the token model
+    (created with "avg", timm would add a final `fc_norm` in place of `norm`)."""
     encoder = timm.create_model(timm_name(arch), pretrained=False, num_classes=0, img_size=img_size,
                                 patch_size=patch_size, drop_path_rate=drop_path)
+    encoder.global_pool = global_pool
     set_sincos_pos_embed(encoder.pos_embed, encoder.patch_embed.grid_size, encoder.num_prefix_tokens)
     if grad_checkpointing:
         enable_block_checkpointing(encoder.blocks)
@@ -30,10 +35,10 @@ def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing
 
 
 def encoder_for(config, grad_checkpointing=False):
-    """The encoder a run config describes (model.arch, data.img_size, model.patch_size, model.drop_path).
-    Methods with a momentum copy enable block checkpointing themselves, after copying."""
+    """The encoder a run config describes (model.arch, data.img_size, model.patch_size, model.drop_path,
+    model.global_pool). Methods with a momentum copy enable block checkpointing themselves, after copying."""
     m = config.model
-    return create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path, grad_checkpointing)
+    return create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path, grad_checkpointing, m.global_pool)
 
 
 def pool_tokens(encoder, tokens, pool):

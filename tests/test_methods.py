@@ -166,3 +166,14 @@ def test_pair_metrics_tell_agreement_spread_and_collapse():
 def test_two_view_methods_log_the_pair_metrics(method):
     outputs = tiny(method)(batch(method))
     assert {"repr/pair_top1", "repr/alignment", "repr/uniformity", "repr/std"} <= set(outputs)
+
+
+def test_global_pool_avg_feeds_the_heads_the_mean_patch_token_and_keeps_timms_names():
+    from pretrain.models import pool_tokens
+
+    token, avg = tiny("mocov3"), build_objective(load_config(None, ["method=mocov3", *TINY, "model.global_pool=avg"]))
+    assert list(token.encoder.state_dict()) == list(avg.encoder.state_dict()), "exports load into the token model"
+    images = torch.randn(4, 3, 32, 32)
+    avg.eval()
+    assert torch.allclose(avg.encoder(images), pool_tokens(avg.encoder, avg.encoder.forward_features(images), "mean"))
+    assert avg.target.branch["encoder"].global_pool == "avg", "the momentum encoder reads the same token"
