@@ -1,6 +1,6 @@
 """Does graft.rule=auto choose the split well? MIM->CL at every split against the automatic choice.
 
-    python -m bench.graft_grid [--steps 100] [--seeds 0 1 2] [--splits 0 1 ... 12] [--probe-steps 20]
+    python -m bench.graft_grid [--steps 150] [--seeds 0 1 2] [--splits 0 1 ... 12] [--probe-steps 20]
                                [--workdir runs/reproduce]
 
 For each seed, MoCo v3 (configs/graft_demo.yaml) starts from that seed's MAE run (bench/reproduce's,
@@ -39,7 +39,7 @@ def grid_runs(splits, probe_steps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", type=int, nargs="+", default=list(range(DEPTH + 1)))
     parser.add_argument("--probe-steps", type=int, default=20, help="hybrid steps of auto's probe")

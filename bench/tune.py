@@ -48,6 +48,9 @@ CANDIDATES = {
     "mocov3_recipe": ("graft_demo.yaml", MOCO),
     "mocov3_digits": ("graft_demo.yaml", MOCO_DIGITS),
     "mae": ("demo.yaml", []),
+    # The chosen settings, as committed in the toy configs:
+    "final_mocov3": ("mocov3_demo.yaml", []), "final_simclr": ("simclr_demo.yaml", []),
+    "final_byol": ("byol_demo.yaml", []), "final_simsiam": ("simsiam_demo.yaml", []),
 }
 # One change at a time from MoCo v3 with the digit views, then combinations of what helped.
 MOCO_CHANGES = {
@@ -60,6 +63,14 @@ MOCO_CHANGES = {
     "m0.9_crop0.6": ["moco.momentum=0.9", *views("moco", ["view1", "view2"], min_scale=0.6)],
     "m0.9_blur": ["moco.momentum=0.9", *views("moco", ["view1"], blur_p=1.0), *views("moco", ["view2"], blur_p=0.1)],
     "m0.9_patch_trained": ["moco.momentum=0.9", "moco.freeze_patch_embed=false"],
+    "m0.9_betas0.95": ["moco.momentum=0.9", "optim.betas=[0.9,0.95]"],
+    "m0.9_warmup0": ["moco.momentum=0.9", "optim.warmup_epochs=0"],
+    "m0.9_warmup30": ["moco.momentum=0.9", "optim.warmup_epochs=1.1"],
+    "m0.9_heads1024": ["moco.momentum=0.9", "moco.mlp_dim=1024", "moco.out_dim=256"],
+    "m0.9_t0.3": ["moco.momentum=0.9", "moco.temperature=0.3"],
+    "m0.9_wd0": ["moco.momentum=0.9", "optim.weight_decay=0"],
+    "m0.9_bs32": ["moco.momentum=0.9", "deepspeed.micro_batch_size=16"],
+    "m0.9_heads1024_bf16": ["moco.momentum=0.9", "moco.mlp_dim=1024", "moco.out_dim=256", "deepspeed.precision=bf16"],
     "m0.9_avg": ["moco.momentum=0.9", *AVG],
     "m0.9_avg_lr1e-2": ["moco.momentum=0.9", *AVG, "optim.base_lr=1e-2"],
     "m0.9_avg_crop0.6": ["moco.momentum=0.9", *AVG, *views("moco", ["view1", "view2"], min_scale=0.6)],
@@ -71,12 +82,15 @@ CANDIDATES.update({f"mocov3_digits_{name}": ("graft_demo.yaml", MOCO_DIGITS + ch
 OTHERS = {
     "simclr": ("simclr_demo.yaml", views("simclr", ["view"]),
                {"t0.2": ["simclr.temperature=0.2"], "t0.5": ["simclr.temperature=0.5"], "lr5e-3": ["optim.base_lr=5e-3"],
-                "lr5e-4": ["optim.base_lr=5e-4"], "avg": AVG, "avg_t0.2": [*AVG, "simclr.temperature=0.2"]}),
+                "lr5e-4": ["optim.base_lr=5e-4"], "avg": AVG, "avg_t0.2": [*AVG, "simclr.temperature=0.2"],
+                "lr5e-3_t0.2": ["optim.base_lr=5e-3", "simclr.temperature=0.2"],
+                "lr1e-2_t0.2": ["optim.base_lr=1e-2", "simclr.temperature=0.2"]}),
     "byol": ("byol_demo.yaml", views("byol", ["view1", "view2"]),
              {"m0.9": ["byol.momentum=0.9"], "m0.99": ["byol.momentum=0.99"],
               "m0.9_lr5e-3": ["byol.momentum=0.9", "optim.base_lr=5e-3"], "m0.9_avg": ["byol.momentum=0.9", *AVG]}),
     "simsiam": ("simsiam_demo.yaml", views("simsiam", ["view"]),
-                {"lr2e-3": ["optim.base_lr=2e-3"], "lr3e-2": ["optim.base_lr=3e-2"], "avg": AVG}),
+                {"lr2e-3": ["optim.base_lr=2e-3"], "lr3e-2": ["optim.base_lr=3e-2"], "avg": AVG,
+                 "lr5e-4": ["optim.base_lr=5e-4"], "lr1e-3": ["optim.base_lr=1e-3"]}),
 }
 for method, (config, digit_views, changes) in OTHERS.items():
     CANDIDATES[f"{method}_recipe"] = (config, [])
@@ -94,19 +108,21 @@ def split_train(shards):
     return {name: shards / f"{name}.json" for name in parts}
 
 
-def run(name, seed, steps, workdir, manifests):
+def run(name, seed, steps, workdir, manifests, precision="fp32"):
     config, overrides = CANDIDATES[name]
     run_dir = workdir / f"{name}_seed{seed}"
     images = Manifest.load(manifests["tune_train"]).num_samples
-    epochs = steps / (images // (PROCESSES * MICRO_BATCH))
+    micro_batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("deepspeed.micro_batch_size=")),
+                       MICRO_BATCH)
+    epochs = steps / (images // (PROCESSES * micro_batch))
     common = [f"run.seed={seed}", f"run.max_steps={steps}", f"run.log_every={max(1, steps // 10)}",
               f"run.save_every={steps}", "run.image_every=0", "model.patch_size=8",
               f"deepspeed.micro_batch_size={MICRO_BATCH}", "deepspeed.config=ds_configs/zero2.json",
-              "deepspeed.precision=fp32", f"optim.epochs={epochs}", f"optim.warmup_epochs={epochs / 10}",
+              f"deepspeed.precision={precision}", f"optim.epochs={epochs}", f"optim.warmup_epochs={epochs / 10}",
               f"run.knn_every={max(1, steps // 10)}", f"data.knn_train={manifests['tune_train']}",
               f"data.knn_val={manifests['tune_val']}"]
     started = time.perf_counter()
-    demo.pretrain(config, run_dir, manifests["tune_train"], PROCESSES, *overrides, *common, echo=False)
+    demo.pretrain(config, run_dir, manifests["tune_train"], PROCESSES, *common, *overrides, echo=False)
     return run_dir, time.perf_counter() - started
 
 
@@ -136,6 +152,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="+", choices=sorted(CANDIDATES), help="candidates to run (default: all)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--workdir", type=Path, default=Path("runs/tune"))
     args = parser.parse_args(argv)
     shards = demo.prepare_data(args.workdir / "data")
@@ -146,7 +163,7 @@ def main(argv=None):
     for name in args.only or CANDIDATES:
         rows[name] = []
         for seed in args.seeds:
-            run_dir, seconds = run(name, seed, args.steps, args.workdir, manifests)
+            run_dir, seconds = run(name, seed, args.steps, args.workdir, manifests, args.precision)
             row = {**score(encoder_from(run_dir, "vit_tiny", 32, 8), manifests), "seconds": round(seconds, 1),
                    "curve": [round(v, 1) for v in scalar_values(run_dir, "eval/knn_top1")],
                    **{tag: round(last_logged(run_dir, f"repr/{tag}"), 3)
@@ -154,14 +171,14 @@ def main(argv=None):
             rows[name].append(row)
             print(f"{name} seed {seed}: " + "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     metrics = ("knn_token", "few_token", "knn_mean", "few_mean", "pair_top1", "alignment", "uniformity", "std")
-    print(f"\n{args.steps} steps, seeds {args.seeds}, held-out {HELD_OUT_SHARDS} train shards, {cpu_count()} CPUs")
+    print(f"\n{args.steps} steps ({args.precision}), seeds {args.seeds}, held-out {HELD_OUT_SHARDS} train shards, {cpu_count()} CPUs")
     print(f"{'candidate':24s}" + "".join(f"{m:>11s}" for m in metrics) + f"{'min':>6s}  kNN curve (token)")
     summary = {}
     for name, runs in rows.items():
         summary[name] = {m: round(statistics.mean(r.get(m, float('nan')) for r in runs), 3) for m in metrics}
         cells = "".join(f"{summary[name][m]:11.2f}" for m in metrics)
         print(f"{name:24s}{cells}{sum(r['seconds'] for r in runs) / 60:6.1f}  {runs[0]['curve']}")
-    record = {"bench": "tune", "steps": args.steps, "seeds": args.seeds, "summary": summary, "runs": rows}
+    record = {"bench": "tune", "steps": args.steps, "precision": args.precision, "seeds": args.seeds, "summary": summary, "runs": rows}
     (args.workdir / "results.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
     return 0

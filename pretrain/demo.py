@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from data_prep import demo_data, shard, verify
-from pretrain import analysis, export
+from pretrain import analysis, checkpoint, export
 from pretrain.data import make_loader
 from pretrain.errors import UserError, cli_entry
 
@@ -146,7 +146,8 @@ COLUMNS = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "linear10shot
 
 def evaluate(encoders, shards):
     """kNN (k 20, T 0.07), linear-probe and 10-shot linear-probe top-1 (%) of each exported encoder and
-    of a random one, on the class token; also written to each run's TensorBoard log."""
+    of a random one, on the class token; also written to each run's TensorBoard log at its last step
+    (`eval/final_<key>`; `eval/knn_top1` is the monitor's curve)."""
     from pretrain.eval import architecture, encoder_from, frozen_scores, write_scalar
     from pretrain.models import create_encoder
 
@@ -159,8 +160,10 @@ def evaluate(encoders, shards):
         scores = frozen_scores(model, shards / "train.json", shards / "val.json", img_size, ("token",), SHOTS)
         results[name] = {key: round(scores[key.replace("_top1", "_token")], 2) for key in COLUMNS}
         if name in encoders:
+            run_dir = encoders[name].parent
+            step = checkpoint.run_state(run_dir / "ckpt")["step"]
             for key, value in results[name].items():
-                write_scalar(encoders[name].parent / "tb", f"eval/{key}", value)
+                write_scalar(run_dir / "tb", f"eval/final_{key}", value, step)
     return results
 
 

@@ -62,6 +62,16 @@ def demo_shards(demo_images, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One `python -m pretrain.demo` (the README's `make demo`) for every test that reads what it wrote:
+    (its workdir, the CompletedProcess)."""
+    workdir = tmp_path_factory.mktemp("demo_run") / "demo"
+    result = run_cli("pretrain.demo", "--workdir", workdir, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    return workdir, result
+
+
 # Multi-process training on the CPU: DeepSpeed's CPU accelerator, one thread per process, and compiled
 # ops cached inside the venv (a stale lock in a shared cache can hang torch).
 TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",

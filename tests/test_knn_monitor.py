@@ -1,8 +1,7 @@
-"""The kNN of every protocol and the online monitor's pieces, in one process (the monitor inside real
-2-process trainings is tested in test_train_dist.py)."""
+"""The online kNN monitor's pieces in one process (its kNN is tested in test_eval.py, the monitor inside real
+2-process trainings in test_train_dist.py)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.config import load_config
 from pretrain.errors import UserError
@@ -10,22 +9,6 @@ from pretrain.knn import knn_accuracy
 from pretrain.knn_monitor import KNNMonitor, gather_rows, load_share
 from pretrain.models import create_encoder
 from pretrain.views import normalize
-
-
-def test_knn_on_one_hot_features_of_the_labels_is_exact():
-    labels = torch.arange(50) % 5
-    features = F.one_hot(labels, 5).float()
-    assert knn_accuracy(features, labels, features[:10], labels[:10]) == 1.0
-    wrong = F.one_hot((labels[:10] + 1) % 5, 5).float()  # each val image looks like the next class
-    assert knn_accuracy(features, labels, wrong, labels[:10]) == 0.0
-
-
-def test_knn_votes_are_weighted_by_similarity():
-    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
-    labels = torch.tensor([0, 1, 1])
-    # Two class-1 neighbours at cosine ~0.1 lose against one class-0 neighbour at cosine 1.
-    assert knn_accuracy(train, labels, torch.tensor([[1.0, 0.05]]), torch.tensor([0]), k=3) == 1.0
-    assert knn_accuracy(train, labels, torch.tensor([[1.0, 0.05]]), torch.tensor([0]), k=3, temperature=10.0) == 0.0
 
 
 def test_a_share_takes_its_ranks_shards_and_caps_each_class(demo_shards):
