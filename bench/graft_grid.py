@@ -15,8 +15,6 @@ WORKDIR/graft_grid.json.
 """
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 from bench.reproduce import FEW, KNN, RUNS, evaluate, summary, train
@@ -32,7 +30,8 @@ def grid_runs(splits, probe_steps):
         runs[f"split{k:02d}"] = ("graft_demo.yaml", ["graft.rule=split", f"graft.split={k}", "graft.lower_scale=0.1",
                                                      "graft.upper_scale=1.0"], "mae")
     runs["auto"] = ("graft_demo.yaml", ["graft.rule=auto", "graft.lower_scale=0.1", "graft.upper_scale=1.0",
-                                        f"graft.probe_steps={probe_steps}", f"graft.probe_every={max(1, probe_steps // 4)}"],
+                                        f"graft.probe_steps={probe_steps}",
+                                        f"graft.probe_every={max(1, probe_steps // 10)}"],
                     "mae")
     return runs
 
@@ -65,7 +64,8 @@ def main(argv=None):
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps per run, MIM->CL from the MAE run of each seed")
     print(f"{'run':10s}{KNN:>22s}{FEW:>26s}{'train s':>10s}")
     for name, t in table.items():
-        print(f"{name:10s}{t[KNN][0]:15.2f} ± {t[KNN][1]:4.2f}{t[FEW][0]:19.2f} ± {t[FEW][1]:4.2f}{t['train_s'][0]:10.0f}")
+        print(f"{name:10s}{t[KNN][0]:15.2f} ± {t[KNN][1]:4.2f}{t[FEW][0]:19.2f} ± {t[FEW][1]:4.2f}"
+              f"{t['train_s'][0]:10.0f}")
     grid = [name for name in table if name.startswith("split")]
     verdicts = {}
     for metric in (KNN, FEW):
@@ -77,7 +77,8 @@ def main(argv=None):
         print(f"{metric}: grid best {best} {table[best][metric][0]:.2f} ± {table[best][metric][1]:.2f}, auto "
               f"{table['auto'][metric][0]:.2f} ({'within' if gap <= table[best][metric][1] else 'NOT within'} one std)")
     grid_cost = sum(table[name]["train_s"][0] for name in grid)
-    print(f"auto chose splits {[r['split'] for r in rows['auto']]}; cost per seed: auto {table['auto']['train_s'][0]:.0f} s "
+    print(f"auto chose splits {[r['split'] for r in rows['auto']]}; cost per seed: auto "
+          f"{table['auto']['train_s'][0]:.0f} s "
           f"(probe included), grid {grid_cost:.0f} s ({grid_cost / table['auto']['train_s'][0]:.1f}x)")
     record = {"bench": "graft_grid", "steps": args.steps, "seeds": args.seeds, "probe_steps": args.probe_steps,
               "mean_std": {n: {m: [round(v, 3) for v in ms] for m, ms in t.items()} for n, t in table.items()},

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.photos import cpu_count
-from pretrain import demo
+from pretrain import checkpoint, demo
 from pretrain.analysis import held_out_batch, measure
 from pretrain.eval import encoder_from, frozen_scores
 from pretrain.models import create_encoder
@@ -74,12 +74,18 @@ def train(name, seed, steps, workdir, shards, runs=RUNS, starts=None, precision=
     started from the run it names in `starts` (default: WORKDIR); returns (run_dir, seconds)."""
     config, overrides, start = runs[name]
     run_dir = workdir / f"{name}_seed{seed}"
+    timing = run_dir / "bench_train_s.json"  # the first training's wall time, kept for a rerun's table
+    finished = (checkpoint.run_state(run_dir / "ckpt") or {}).get("step") == steps
+    if finished and timing.is_file():
+        return run_dir, json.loads(timing.read_text())["seconds"]
     common = common_overrides(seed, steps, precision)
     if start:
         common.append(f"graft.init={(starts or workdir) / f'{start}_seed{seed}'}")
     started = time.perf_counter()
     demo.pretrain(config, run_dir, shards / "train.json", PROCESSES, *overrides, *common, echo=False)
-    return run_dir, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    timing.write_text(json.dumps({"seconds": round(seconds, 1)}))
+    return run_dir, seconds
 
 
 def evaluate(encoder, shards, analysis_images=None):
@@ -140,14 +146,16 @@ def main(argv=None):
         for name in RUNS:  # in order: the grafted runs start from this seed's MAE and MoCo v3 runs
             run_dir, seconds = train(name, seed, args.steps, args.workdir, shards, precision=args.precision)
             scores = evaluate(encoder_from(run_dir, "vit_tiny", 32, 8), shards, images)
-            results[name].append({"seed": seed, "train_s": round(seconds, 1), **{k: round(v, 3) for k, v in scores.items()}})
+            results[name].append({"seed": seed, "train_s": round(seconds, 1),
+                                  **{k: round(v, 3) for k, v in scores.items()}})
             print(f"seed {seed} {NAMES[name]:13s} " + "  ".join(f"{k} {v:5.2f}" for k, v in scores.items())
                   + f"  ({seconds:.0f} s)", flush=True)
     total = time.perf_counter() - started
 
     metrics = ("knn_token", f"linear{SHOTS}shot_token", "linear_token", "knn_mean", f"linear{SHOTS}shot_mean",
                "linear_mean", "attn_distance_last_third", "attn_nmi_last_third")
-    print(f"\n{len(args.seeds)} seeds, {args.steps} steps per stage ({args.precision}), ViT-Tiny/8 at 32 px, {PROCESSES} CPU processes, "
+    print(f"\n{len(args.seeds)} seeds, {args.steps} steps per stage ({args.precision}), ViT-Tiny/8 at 32 px, "
+          f"{PROCESSES} CPU processes, "
           f"{total / 60:.1f} min")
     print(f"{'method':14s}" + "".join(f"{m:>26s}" for m in metrics) + f"{'seed 001 linear':>17s}")
     table = {}
@@ -159,7 +167,8 @@ def main(argv=None):
     print("\ntargets:")
     for claim, measured, held in checks:
         print(f"  {'met    ' if held else 'NOT met'}  {claim}: {measured}")
-    record = {"bench": "reproduce", "steps": args.steps, "precision": args.precision, "seeds": args.seeds, "minutes": round(total / 60, 1),
+    record = {"bench": "reproduce", "steps": args.steps, "precision": args.precision, "seeds": args.seeds,
+              "minutes": round(total / 60, 1),
               "cpus": cpu_count(), "machine": platform.processor() or platform.machine(),
               "mean_std": {name: {m: [round(v, 3) for v in ms] for m, ms in t.items()} for name, t in table.items()},
               "targets": [{"claim": c, "measured": m, "met": h} for c, m, h in checks],

@@ -81,7 +81,8 @@ CANDIDATES.update({f"mocov3_digits_{name}": ("graft_demo.yaml", MOCO_DIGITS + ch
 # The other contrastive methods: their recipe views, the digit views, then momentum / temperature / lr.
 OTHERS = {
     "simclr": ("simclr_demo.yaml", views("simclr", ["view"]),
-               {"t0.2": ["simclr.temperature=0.2"], "t0.5": ["simclr.temperature=0.5"], "lr5e-3": ["optim.base_lr=5e-3"],
+               {"t0.2": ["simclr.temperature=0.2"], "t0.5": ["simclr.temperature=0.5"],
+                "lr5e-3": ["optim.base_lr=5e-3"],
                 "lr5e-4": ["optim.base_lr=5e-4"], "avg": AVG, "avg_t0.2": [*AVG, "simclr.temperature=0.2"],
                 "lr5e-3_t0.2": ["optim.base_lr=5e-3", "simclr.temperature=0.2"],
                 "lr1e-2_t0.2": ["optim.base_lr=1e-2", "simclr.temperature=0.2"]}),
@@ -171,14 +172,16 @@ def main(argv=None):
             rows[name].append(row)
             print(f"{name} seed {seed}: " + "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     metrics = ("knn_token", "few_token", "knn_mean", "few_mean", "pair_top1", "alignment", "uniformity", "std")
-    print(f"\n{args.steps} steps ({args.precision}), seeds {args.seeds}, held-out {HELD_OUT_SHARDS} train shards, {cpu_count()} CPUs")
+    print(f"\n{args.steps} steps ({args.precision}), seeds {args.seeds}, held-out {HELD_OUT_SHARDS} train shards, "
+          f"{cpu_count()} CPUs")
     print(f"{'candidate':24s}" + "".join(f"{m:>11s}" for m in metrics) + f"{'min':>6s}  kNN curve (token)")
     summary = {}
     for name, runs in rows.items():
         summary[name] = {m: round(statistics.mean(r.get(m, float('nan')) for r in runs), 3) for m in metrics}
         cells = "".join(f"{summary[name][m]:11.2f}" for m in metrics)
         print(f"{name:24s}{cells}{sum(r['seconds'] for r in runs) / 60:6.1f}  {runs[0]['curve']}")
-    record = {"bench": "tune", "steps": args.steps, "precision": args.precision, "seeds": args.seeds, "summary": summary, "runs": rows}
+    record = {"bench": "tune", "steps": args.steps, "precision": args.precision, "seeds": args.seeds,
+              "summary": summary, "runs": rows}
     (args.workdir / "results.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
     return 0

@@ -14,12 +14,20 @@ lower part from the measurement instead of by hand search.
    agreement from conflict: the fewest blocks on the wrong side of `graft.auto_threshold` (cosine >=
    threshold below k, < threshold from k on). Ties go to the larger k, keeping more MIM layers at the
    small learning rate. All blocks agreeing gives k = depth; all conflicting, k = 0.
+   Only blocks whose mean cosine is more than `graft.auto_confidence` standard errors (over the
+   measurements used, at least 3) from the threshold take part; the others are undecided and on no
+   wrong side.
+   When no block is decided the probe could not tell, and the configured `graft.split` stays (on the
+   digits a short probe measures |cosine| < 0.04, noise, from which the rule chose split 1; see
+   BENCHMARKS.md, "graft.rule=auto against a grid").
 3. The grafted run then trains as rule `split` with that k (and lower_scale / upper_scale); the curve
    and the choice are printed, written to RUN_DIR/graft_auto.json and logged to TensorBoard.
 """
 import copy
 import json
 import logging
+import math
+import statistics
 from pathlib import Path
 
 import torch.distributed as dist
@@ -33,7 +41,8 @@ TAG = "grad_cosine/block_"
 
 def read_cosines(source):
     """Per-block mean cosine over the later half of the measurements in a run's TensorBoard log;
-    returns (cosines, steps used)."""
+    returns (cosines, steps used, standard errors of the means: None from fewer than 3 measurements,
+    too few to estimate one)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     source = Path(source)
@@ -49,13 +58,25 @@ def read_cosines(source):
     curves = [[e.value for e in events.Scalars(tag)] for tag in tags]
     steps = [e.step for e in events.Scalars(tags[0])]
     later = len(steps) // 2
-    return [sum(values[later:]) / len(values[later:]) for values in curves], steps[later:]
+    used = [values[later:] for values in curves]
+    means = [sum(values) / len(values) for values in used]
+    errors = [statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 3 else None for values in used]
+    return means, steps[later:], errors
 
 
-def choose_split(cosines, threshold=0.0):
-    """The k in 0..len(cosines) with the fewest blocks on the wrong side (ties: the largest k)."""
+def choose_split(cosines, threshold=0.0, errors=None, confidence=0.0):
+    """The k in 0..len(cosines) with the fewest decided blocks on the wrong side (ties: the largest k);
+    a block is decided when its cosine is more than `confidence` standard errors (`errors`; None:
+    unknown) from the threshold, or always with confidence 0. None when no block is decided."""
+    errors = errors or [0.0] * len(cosines)
+    decided = [confidence == 0 or (e is not None and abs(c - threshold) > confidence * e)
+               for c, e in zip(cosines, errors)]
+    if not any(decided):
+        return None
+
     def wrong(k):
-        return sum(c < threshold for c in cosines[:k]) + sum(c >= threshold for c in cosines[k:])
+        return sum(d and c < threshold for c, d in zip(cosines[:k], decided[:k])) + \
+            sum(d and c >= threshold for c, d in zip(cosines[k:], decided[k:]))
 
     return min(range(len(cosines) + 1), key=lambda k: (wrong(k), -k))
 
@@ -91,13 +112,19 @@ def resolve(config, train):
         if is_distributed():
             dist.barrier()  # rank 0 has closed the probe's TensorBoard log: every rank reads it whole
         source = probe.run.dir
-    cosines, steps = read_cosines(source)
-    g.split = choose_split(cosines, g.auto_threshold)
-    curve = {"source": str(source), "steps": steps, "cosines": cosines, "threshold": g.auto_threshold,
+    cosines, steps, errors = read_cosines(source)
+    chosen = choose_split(cosines, g.auto_threshold, errors, g.auto_confidence)
+    if chosen is None and rank() == 0:
+        log.info("graft.rule=auto: no block's cosine is more than %g standard errors from %g: the probe cannot "
+                 "tell agreement from conflict; keeping graft.split=%d", g.auto_confidence, g.auto_threshold,
+                 g.split)
+    g.split = g.split if chosen is None else chosen
+    curve = {"source": str(source), "steps": steps, "cosines": cosines, "errors": errors,
+             "threshold": g.auto_threshold, "confidence": g.auto_confidence, "decided": chosen is not None,
              "split": g.split}
     if rank() == 0:
-        table = "\n".join(f"  block {i:2d}  cosine {c:+.3f}  {'lower' if i < g.split else 'upper'}"
-                          for i, c in enumerate(cosines))
+        table = "\n".join(f"  block {i:2d}  cosine {c:+.3f} ± {'?' if e is None else f'{e:.3f}'}  "
+                          f"{'lower' if i < g.split else 'upper'}" for i, (c, e) in enumerate(zip(cosines, errors)))
         log.info("graft.rule=auto: split %d (blocks 0-%d at lr_scale %g, the rest at %g), from %s (steps %s):\n%s",
                  g.split, g.split - 1, g.lower_scale, g.upper_scale, source,
                  f"{steps[0]}-{steps[-1]}", table)

@@ -186,7 +186,8 @@ class GraftConfig:
     auto_from: str = ""  # a hybrid run whose logged cosines decide; empty: probe first (RUN_DIR/graft_probe)
     probe_steps: int = 300  # hybrid steps of the probe, from graft.init
     probe_every: int = 25  # steps between its measurements
-    auto_threshold: float = 0.0  # cosine below which a block counts as conflicting
+    auto_threshold: float = 0.0  # cosine below which a block counts as conflicting ...
+    auto_confidence: float = 2.0  # ... if this many standard errors away (0: always); if no block is: keep split
 
 
 @dataclass
@@ -251,7 +252,8 @@ class Config:
             (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
              "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
-            (self.run.knn_every >= 0 and self.data.knn_per_class >= 0, "run.knn_every", ">= 0 (data.knn_per_class too)"),
+            (self.run.knn_every >= 0 and self.data.knn_per_class >= 0, "run.knn_every",
+             ">= 0 (data.knn_per_class too)"),
             (self.run.knn_every == 0 or bool(self.data.knn_train and self.data.knn_val), "run.knn_every",
              "0 unless data.knn_train and data.knn_val name the monitor's manifests"),
             (self.run.knn_pool in ("token", "mean"), "run.knn_pool", "token or mean"),
@@ -261,7 +263,8 @@ class Config:
             (bool(self.graft.scales) and min(self.graft.scales) >= 0, "graft.scales", "a non-empty list of scales >= 0"),
             (self.graft.lower_scale > 0 and self.graft.upper_scale > 0, "graft.lower_scale", "positive (upper too)"),
             (self.graft.split >= 0 and self.graft.ramp_width > 0, "graft.split", ">= 0 (ramp_width > 0)"),
-            (self.graft.l1_weight >= 0, "graft.l1_weight", ">= 0"),
+            (self.graft.l1_weight >= 0 and self.graft.auto_confidence >= 0, "graft.l1_weight",
+             ">= 0 (graft.auto_confidence too)"),
             (self.graft.rule != "auto" or bool(self.graft.init or self.graft.auto_from), "graft.rule",
              "auto only with graft.init (the probe starts from those weights) or graft.auto_from"),
             (self.graft.probe_steps > 0 and self.graft.probe_every > 0, "graft.probe_steps", "positive (probe_every too)"),

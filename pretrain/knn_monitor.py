@@ -40,7 +40,8 @@ def load_share(manifest, img_size, per_class=0, rank_=0, world=1):
         try:
             images.append(view(decode_image(sample["jpg"])))
         except Exception as error:  # counted and reported, never fatal for a monitor
-            log.warning("kNN monitor: skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+            log.warning("kNN monitor: skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"),
+                        error)
             bad += 1
             continue
         labels.append(label)

@@ -108,10 +108,13 @@ def test_auto_rule_probes_the_gradient_cosine_and_splits_where_it_turns(graft_ru
     probe = run_dir / "graft_probe"
     assert load_config(probe / "config.yaml").method == "hybrid"
     assert len(scalar_values(probe, "grad_cosine/block_00")) == 4
-    cosines, steps = read_cosines(probe)
+    cosines, steps, errors = read_cosines(probe)
     assert len(cosines) == 12 and steps == [2, 3] and all(-1 <= c <= 1 for c in cosines)  # measured at 0, 1, 2, 3
     chosen = json.loads((run_dir / "graft_auto.json").read_text())
-    assert chosen["split"] == choose_split(cosines) == config.graft.split and chosen["cosines"] == cosines
+    expected = choose_split(cosines, 0.0, errors, config.graft.auto_confidence)
+    assert chosen["split"] == config.graft.split and chosen["cosines"] == cosines
+    assert expected is None or chosen["split"] == expected, "decided: the split the curve gives; else graft.split"
+    assert chosen["decided"] == (expected is not None) and chosen["errors"] == errors
     events = tensorboard(run_dir)
     assert scalar_values(run_dir, "graft/auto_split") == [config.graft.split]
     assert events.Images("graft/probe_cosines")[0].width == 320

@@ -131,17 +131,29 @@ def test_auto_split_is_the_best_step_from_agreement_to_conflict(cosines, split):
     assert choose_split(cosines) == split
 
 
+def test_auto_split_ignores_cosines_within_the_noise_and_says_when_it_cannot_tell():
+    cosines = [0.6, 0.5, 0.02, -0.01, -0.3, -0.5]
+    errors = [0.05, 0.05, 0.05, 0.05, 0.05, 0.05]  # blocks 2 and 3 are within 2 standard errors of 0
+    assert choose_split(cosines, 0.0, errors, 2.0) == 4, "undecided blocks go with the deeper split"
+    assert choose_split(cosines, 0.0, errors, 0.0) == 3, "without the guard block 3 counts as conflict"
+    noise = [0.033, -0.040, -0.020, 0.008, -0.023]  # the digits' short probe: every |cosine| < 0.04
+    assert choose_split(noise, 0.0, [0.03] * 5, 2.0) is None
+
+
 def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
     """graft.auto_from: a hybrid run's TensorBoard log; the later half of its measurements decides."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path / "hybrid" / "tb"))
-    for step in (10, 20, 30, 40):
-        early = step <= 20  # the first half is noise from untrained heads; it must not count
+    for step in range(10, 90, 10):
+        early = step <= 40  # the first half is noise from untrained heads; it must not count
+        wobble = 0.01 if step % 20 else -0.01  # measurements scatter: a standard error to compare with
         for block in range(12):
-            writer.add_scalar(f"grad_cosine/block_{block:02d}", -0.9 if early else 0.55 - 0.1 * block, step)
+            writer.add_scalar(f"grad_cosine/block_{block:02d}", -0.9 if early else 0.55 - 0.1 * block + wobble, step)
     writer.close()
-    assert read_cosines(tmp_path / "hybrid") == (pytest.approx([0.55 - 0.1 * b for b in range(12)]), [30, 40])
+    cosines, steps, errors = read_cosines(tmp_path / "hybrid")
+    assert cosines == pytest.approx([0.55 - 0.1 * b for b in range(12)]) and steps == [50, 60, 70, 80]
+    assert errors == pytest.approx([0.02 / 3 ** 0.5 / 2] * 12)
     config = load_config(None, ["method=mocov3", *TINY, "graft.rule=auto", f"graft.auto_from={tmp_path / 'hybrid'}",
                                 f"run.dir={tmp_path / 'run'}"])
     curve, _ = resolve(config, train=None)
@@ -150,6 +162,15 @@ def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
     groups = objective_param_groups(build_objective(config), config)
     scales = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
     assert scales[6] == 0.1 and scales[7] == 1.0  # layer id = block + 1
+    noisy = load_config(None, ["method=mocov3", *TINY, "graft.rule=auto", f"graft.auto_from={tmp_path / 'noise'}",
+                               f"run.dir={tmp_path / 'run2'}", "graft.split=5"])
+    writer = SummaryWriter(str(tmp_path / "noise" / "tb"))
+    for step, sign in zip(range(10, 90, 10), (1, -1) * 4):
+        for block in range(12):
+            writer.add_scalar(f"grad_cosine/block_{block:02d}", sign * 0.02, step)
+    writer.close()
+    curve, _ = resolve(noisy, train=None)
+    assert not curve["decided"] and noisy.graft.split == 5, "a probe that cannot tell keeps graft.split"
     with pytest.raises(UserError, match="has no grad_cosine/block_NN scalars"):
         read_cosines(tmp_path / "run")
     with pytest.raises(UserError, match="graft.rule = 'auto' must be auto only with graft.init"):

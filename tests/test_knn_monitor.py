@@ -28,9 +28,9 @@ def test_gather_rows_is_the_identity_in_one_process():
 
 
 def test_monitor_measures_a_copy_and_refuses_missing_manifests(demo_shards, tmp_path):
+    val = demo_shards / "val.json"
     config = load_config(None, ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32", "run.knn_every=5",
-                                f"data.knn_train={demo_shards / 'val.json'}", f"data.knn_val={demo_shards / 'val.json'}",
-                                "data.knn_per_class=8"])
+                                f"data.knn_train={val}", f"data.knn_val={val}", "data.knn_per_class=8"])
     torch.manual_seed(0)
     encoder = create_encoder("vit_tiny", 32, 8).train()
     state = torch.random.get_rng_state()

@@ -97,7 +97,8 @@ def test_mae_pretraining_spares_only_one_dimensional_parameters():
     """main_pretrain.py: timm's add_weight_decay, which spares biases and every 1-D parameter; the
     class and mask tokens (3-D) are decayed, the fixed position tables do not train."""
     decay = decay_of("mae", "optim.weight_decay=0.05")
-    assert decay["encoder.cls_token"] == decay["decoder.mask_token"] == decay["encoder.blocks.0.attn.qkv.weight"] == 0.05
+    decayed = ("encoder.cls_token", "decoder.mask_token", "encoder.blocks.0.attn.qkv.weight")
+    assert [decay[name] for name in decayed] == [0.05] * 3
     assert decay["encoder.blocks.0.norm1.weight"] == decay["encoder.blocks.0.attn.qkv.bias"] == 0.0
     assert "encoder.pos_embed" not in decay and "decoder.pos_embed" not in decay
 
