@@ -1,10 +1,20 @@
 """The manifest `OUT/{split}.json` that lg-shard writes next to the shards and every reader trusts."""
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pretrain.errors import UserError
+
+
+def sha256_of_file(path, chunk=1 << 22):
+    """The SHA-256 (hex) of a file, read in 4-MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while data := file.read(chunk):
+            digest.update(data)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -104,6 +104,18 @@ def _pax_records(data):
     return records
 
 
+# The member names WebDataset's conventions (and real shards, such as timm's imagenet-1k-wds) give images.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_bytes(sample):
+    """The encoded image of a sample: its member named jpg, jpeg, png or webp (the first present)."""
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            return sample[extension]
+    raise KeyError(f"sample {sample.get('__key__')} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
+
+
 def read_shard(path, select=None):
     """Yield the samples of an uncompressed tar shard as webdataset does: consecutive members
     `key.ext` grouped into `{"__key__": key, "__url__": path, ext: bytes, ...}`.

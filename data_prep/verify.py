@@ -8,7 +8,6 @@ lie in the class list and agree with each sample's json. Prints one line per pro
 there is any.
 """
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
@@ -17,12 +16,13 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.manifest import Manifest
+from data_prep.manifest import Manifest, sha256_of_file
 from data_prep.shard import SPLITS
+from data_prep.shard_tar import IMAGE_EXTENSIONS, image_bytes
 from pretrain.errors import cli_entry
 from pretrain.views import decode_image
 
-MEMBERS = ("jpg", "cls", "json")
+MEMBERS = ("cls", "json")  # and an image (IMAGE_EXTENSIONS)
 
 
 def verify_shard(path, expected, classes):
@@ -31,13 +31,9 @@ def verify_shard(path, expected, classes):
     if not os.path.isfile(path):
         return [f"{name}: missing"], 0
     problems = []
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
     if os.path.getsize(path) != expected.bytes:
         problems.append(f"{name}: {os.path.getsize(path)} bytes, manifest says {expected.bytes}")
-    if digest.hexdigest() != expected.sha256:
+    if sha256_of_file(path) != expected.sha256:
         problems.append(f"{name}: SHA-256 differs from the manifest (the file changed after sharding)")
 
     def note_read_error(error):
@@ -49,11 +45,13 @@ def verify_shard(path, expected, classes):
         count += 1
         where = f"{name}:{sample['__key__']}"
         missing = [m for m in MEMBERS if m not in sample]
+        if not any(extension in sample for extension in IMAGE_EXTENSIONS):
+            missing.insert(0, "/".join(IMAGE_EXTENSIONS))
         if missing:
             problems.append(f"{where}: no {', '.join(missing)} member")
             continue
         try:
-            decode_image(sample["jpg"])
+            decode_image(image_bytes(sample))
         except Exception as error:  # any decoder failure is a finding, not a crash
             problems.append(f"{where}: image does not decode: {error}")
         try:

@@ -33,6 +33,18 @@ class RunConfig:
     diagnostics_every: int = 100  # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
     knn_every: int = 0  # steps between online kNN measurements (eval/knn_top1) on data.knn_train/knn_val; 0: off
     knn_pool: str = "token"  # the kNN monitor's features: class token | mean (of the patch tokens)
+    # Seconds a collective may wait for a silent peer before every rank stops with an error (a dead peer
+    # is noticed at once; this catches a hung one). Long enough for the slowest checkpoint write.
+    collective_timeout: float = 600.0
+    # Resume from this checkpoint tag (e.g. step000004000) instead of the latest one, once: the recovery
+    # from a divergence. The later tags are kept, renamed TAG.abandoned.
+    resume_tag: str = ""
+    skip_batches: int = 0  # with resume_tag: skip this many steps' batches after it (those that blew up)
+    lr_factor: float = 1.0  # multiplies the learning rate of every group (lower it to recover from a divergence)
+    # Divergence guards (pretrain/divergence.py): stop, keeping the checkpoint from before, when the loss
+    # exceeds loss_spike x its running mean, or the gradient norm grad_norm_spike x its own (0: off).
+    loss_spike: float = 5.0
+    grad_norm_spike: float = 0.0
 
 
 @dataclass
@@ -44,6 +56,12 @@ class DataConfig:
     knn_train: str = ""  # manifests of the online kNN monitor (run.knn_every): the labelled neighbours ...
     knn_val: str = ""  # ... and the images they classify
     knn_per_class: int = 0  # at most this many images of a class in each (0: all), to keep it cheap
+    # Shards in a row that give no sample before the run stops with an error naming the storage (an
+    # outage); fewer are skipped and their samples counted as lost (data/lost_samples). 0: never stop.
+    max_bad_shards: int = 16
+    # Hash each shard before reading it and skip (counting its samples as lost) one whose SHA-256 is not
+    # the manifest's: a damaged or replaced file. A fraction of the decoding cost (BENCHMARKS.md).
+    verify_shards: bool = True
 
 
 @dataclass
@@ -252,6 +270,14 @@ class Config:
             (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
              "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
+            (self.data.max_bad_shards >= 0, "data.max_bad_shards", ">= 0"),
+            (self.run.loss_spike == 0 or self.run.loss_spike > 1, "run.loss_spike", "0 (off) or above 1"),
+            (self.run.grad_norm_spike == 0 or self.run.grad_norm_spike > 1, "run.grad_norm_spike",
+             "0 (off) or above 1"),
+            (self.run.lr_factor > 0, "run.lr_factor", "positive"),
+            (self.run.skip_batches >= 0, "run.skip_batches", ">= 0"),
+            (self.run.skip_batches == 0 or bool(self.run.resume_tag), "run.skip_batches",
+             "0 unless run.resume_tag names the checkpoint to skip from"),
             (self.run.knn_every >= 0 and self.data.knn_per_class >= 0, "run.knn_every",
              ">= 0 (data.knn_per_class too)"),
             (self.run.knn_every == 0 or bool(self.data.knn_train and self.data.knn_val), "run.knn_every",
@@ -273,7 +299,7 @@ class Config:
         ]
         positive = ["run.log_every", "run.save_every", "run.keep_last", "data.img_size", "deepspeed.micro_batch_size",
                     "deepspeed.grad_accum", "data.shuffle_buffer", "mae.decoder_dim", "mae.decoder_heads",
-                    "moco.mlp_dim", "moco.out_dim"]
+                    "moco.mlp_dim", "moco.out_dim", "run.collective_timeout"]
         checks += [(get_key(self, key) > 0, key, "positive") for key in positive]
         checks += [(False, f"{prefix}.{name}", expected) for prefix, view in view_configs(self)
                    for name, expected in view.problems()]

@@ -28,13 +28,20 @@ started at (epoch, step) yields exactly what an uninterrupted run would have fro
 DataLoader takes batches from its workers round-robin, so each worker skips its own share of the
 first `step` batches before decoding anything.
 
-Only the jpg/cls/json members of a sample are read; other members (a .pyd or .pickle, say) are never
-read, let alone unpickled.
+Only the image (jpg, jpeg, png or webp), cls and json members of a sample are read; other members (a
+.pyd or .pickle, say) are never read, let alone unpickled.
+
+What is lost is counted: samples that do not decode (`bad_samples`), and samples a shard's manifest
+entry lists that the shard did not give (`lost_samples`: truncated, bad header, unreadable, or skipped
+whole because its SHA-256 is not the manifest's: `skipped_shards`). Hashing a shard before reading it
+costs a fraction of decoding it (BENCHMARKS.md). Shard after shard giving nothing stops the stream with
+DataUnavailable (ShardTally).
 """
 import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
 import signal
 import tarfile
@@ -46,13 +53,13 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.manifest import Manifest
-from data_prep.shard_tar import read_shard
+from data_prep.manifest import Manifest, sha256_of_file
+from data_prep.shard_tar import IMAGE_EXTENSIONS, image_bytes, read_shard
 from pretrain.errors import UserError
 from pretrain.views import decode_image, make_view
 
 log = logging.getLogger(__name__)
-MEMBERS = (".jpg", ".cls", ".json")
+MEMBERS = tuple(f".{extension}" for extension in (*IMAGE_EXTENSIONS, "cls", "json"))
 MODES = ("epoch", "resampled")
 
 
@@ -66,13 +73,71 @@ def _wanted_member(name):
     return name.endswith(MEMBERS)
 
 
-def shard_samples(shards):
-    """Raw samples of a stream of `{"url": path}`; a shard that turns out corrupt is cut short with a warning."""
+class DataUnavailable(RuntimeError):
+    """Shard after shard cannot be read: the storage is gone (an outage, an unmounted file system)."""
+
+
+class ShardTally:
+    """What one stream of shards lost, and whether its storage is still there.
+
+    `listed` maps each url to its manifest entry (ShardInfo). With `verify`, a shard is hashed before it
+    is read and one whose SHA-256 differs from the manifest's (damaged or replaced since sharding) is
+    skipped, all its samples lost. A shard that ends early (truncated, a bad tar header, unreadable)
+    loses the rest. Lost samples and skipped shards are counted for the batches to report. After
+    `max_bad_shards` shards in a row that give no sample the stream stops with DataUnavailable, naming
+    where the shards were: an endless retry of a vanished store helps nobody (0: never stop).
+    """
+
+    def __init__(self, listed=None, max_bad_shards=0, verify=False):
+        self.listed, self.max_bad_shards, self.verify = listed or {}, max_bad_shards, verify
+        self.lost, self.skipped, self.unreadable = 0, 0, []
+
+    def problem_with(self, url):
+        """Why shard `url` must not be read (its checksum), or None."""
+        shard = self.listed.get(url)
+        if not (self.verify and shard):
+            return None
+        if sha256_of_file(url) != shard.sha256:
+            self.skipped += 1
+            return ValueError("its SHA-256 differs from the manifest's (the file changed after sharding)")
+        return None
+
+    def shard_done(self, url, count, error):
+        shard = self.listed.get(url)
+        if shard is not None and count < shard.num_samples:
+            self.lost += shard.num_samples - count
+            log.warning("shard %s: %d of its %d samples read, %d lost", url, count, shard.num_samples,
+                        shard.num_samples - count)
+        self.unreadable = self.unreadable + [(url, error)] if count == 0 and error is not None else []
+        if self.max_bad_shards and len(self.unreadable) >= self.max_bad_shards:
+            places = sorted({os.path.dirname(str(u)) or "." for u, _ in self.unreadable})
+            raise DataUnavailable(
+                f"the last {len(self.unreadable)} shards gave no sample (storage {', '.join(places)}); the last "
+                f"error: {self.unreadable[-1][1]}. Stopping; the last checkpoint stays (data.max_bad_shards)")
+
+    def take(self):
+        """(samples lost, shards skipped) since the last call."""
+        counts, self.lost, self.skipped = (self.lost, self.skipped), 0, 0
+        return counts
+
+
+def shard_samples(shards, tally=None):
+    """Raw samples of a stream of `{"url": path}`; a shard that turns out corrupt is cut short (or, failing
+    its checksum, skipped) with a warning, and what it lost goes to `tally` (a ShardTally)."""
+    tally = tally or ShardTally()
     for shard in shards:
+        url, count, error = shard["url"], 0, None
         try:
-            yield from read_shard(shard["url"], select=_wanted_member)
-        except (OSError, tarfile.TarError, ValueError) as error:
-            log.warning("skipping the rest of shard %s: %s", shard["url"], error)
+            error = tally.problem_with(url)
+            if error is None:
+                for sample in read_shard(url, select=_wanted_member):
+                    count += 1
+                    yield sample
+        except (OSError, tarfile.TarError, ValueError) as exc:
+            error = exc
+        if error is not None:
+            log.warning("skipping %sshard %s: %s", "the rest of " if count else "", url, error)
+        tally.shard_done(url, count, error)
 
 
 def round_robin_order(batches_per_worker):
@@ -118,14 +183,20 @@ class ShardStream(IterableDataset):
         else:
             shards = wds.ResampledShards(loader.manifest.urls, seed=mix_seed(seed, self.epoch, rank, worker),
                                          worker_seed=lambda: 0, deterministic=True)
+        tally = ShardTally(loader.listed, loader.max_bad_shards, loader.verify_shards)
         samples = wds.shuffle(loader.shuffle_buffer, loader.shuffle_buffer,
-                              seed=mix_seed(seed, self.epoch, rank, worker, 1))(shard_samples(shards))
+                              seed=mix_seed(seed, self.epoch, rank, worker, 1))(shard_samples(shards, tally))
         raw_batches = wds.batched(loader.batch_size, collation_fn=None, partial=True)(samples)
         # Outside a worker the per-sample seeding must not disturb the caller's generator.
         guard = contextlib.nullcontext if info is not None else partial(torch.random.fork_rng, devices=[])
-        for index, raw_batch in islice(enumerate(raw_batches), skips[worker], counts[worker]):
+        for index, raw_batch in islice(enumerate(raw_batches), counts[worker]):
+            if index < skips[worker]:  # before the resume point: read, not decoded; its losses were counted
+                tally.take()
+                continue
             with guard():
-                yield loader.make_batch(raw_batch, (seed, self.epoch, rank, worker, index))
+                batch = loader.make_batch(raw_batch, (seed, self.epoch, rank, worker, index))
+            batch["lost_samples"], batch["skipped_shards"] = tally.take()
+            yield batch
 
 
 def _leave_stop_signals_to_the_trainer(worker_id):
@@ -139,13 +210,18 @@ class ShardLoader:
     """Batches of one split for one rank. `epoch(e, start_step)` iterates one epoch.
 
     A batch is a dict: "images" (uint8 NCHW tensor, or a list of them for multi-view methods; convert
-    with `pretrain.views.normalize` on the device), "labels", "keys" (the samples' shard keys) and
-    "bad_samples" (samples of this batch that did not decode and were replaced).
+    with `pretrain.views.normalize` on the device), "labels", "keys" (the samples' shard keys),
+    "bad_samples" (samples of this batch that did not decode and were replaced), "lost_samples"
+    (samples that shards read for it ended without: truncated, unreadable or failing their checksum) and
+    "skipped_shards" (shards skipped for their checksum; see ShardTally).
     """
 
     def __init__(self, manifest, batch_size, view="eval", img_size=224, mode="epoch", num_workers=2, seed=0,
-                 rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False):
+                 rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False,
+                 max_bad_shards=16, verify_shards=True):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        self.listed = dict(zip(self.manifest.urls, self.manifest.shards))
+        self.max_bad_shards, self.verify_shards = max_bad_shards, verify_shards
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
@@ -160,7 +236,7 @@ class ShardLoader:
         self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = rank, world_size, shuffle_buffer, pin_memory
         self.view = make_view(view, img_size)
         self.readers_per_rank = max(1, num_workers)
-        self.bad_samples = 0
+        self.bad_samples = self.lost_samples = self.skipped_shards = 0
         self._check_shards()
         global_batch = batch_size * world_size
         self.steps_per_epoch = steps_per_epoch or max(1, self.manifest.num_samples // global_batch)
@@ -189,8 +265,8 @@ class ShardLoader:
         if self.mode == "resampled":
             workers = self.readers_per_rank
             return [max(0, math.ceil((self.steps_per_epoch - w) / workers)) for w in range(workers)]
-        size = {url: shard.num_samples for url, shard in zip(self.manifest.urls, self.manifest.shards)}
-        return [math.ceil(sum(size[url] for url in urls) / self.batch_size) for urls in self.worker_shards(epoch)]
+        return [math.ceil(sum(self.listed[url].num_samples for url in urls) / self.batch_size)
+                for urls in self.worker_shards(epoch)]
 
     def num_batches(self, epoch=0):
         """Batches this rank yields in `epoch` (from step 0)."""
@@ -201,7 +277,7 @@ class ShardLoader:
         decoded = []
         for sample in raw_batch:
             try:
-                decoded.append((decode_image(sample["jpg"]), int(sample["cls"])))
+                decoded.append((decode_image(image_bytes(sample)), int(sample["cls"])))
             except Exception as error:  # a corrupt sample must not stop training
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
                 decoded.append(None)
@@ -230,9 +306,16 @@ class ShardLoader:
         else:
             batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, worker_init_fn=_leave_stop_signals_to_the_trainer))
-        for batch in batches:
-            self.bad_samples += batch["bad_samples"]
-            yield batch
+        try:
+            for batch in batches:
+                self.bad_samples += batch["bad_samples"]
+                self.lost_samples += batch["lost_samples"]
+                self.skipped_shards += batch["skipped_shards"]
+                yield batch
+        finally:
+            # Closing this generator early (an error in the trainer) drops the DataLoader iterator here and
+            # now, whose finalizer stops the workers; left to the interpreter's exit they would hang it.
+            del batches
 
 
 def make_loader(manifest, batch_size, **options):

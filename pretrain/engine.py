@@ -10,6 +10,7 @@ to one learning rate).
 import json
 import logging
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -22,12 +23,14 @@ from pretrain import auto_split, checkpoint
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import make_loader, mix_seed
 from pretrain.distributed import rank, world_size
-from pretrain.errors import UserError
+from pretrain.divergence import DivergenceWatch
+from pretrain.errors import TrainingDiverged, UserError
 from pretrain.grad_conflict import plot_cosines
 from pretrain.knn_monitor import KNNMonitor
 from pretrain.methods import build_objective
 from pretrain.monitor import Monitor, memory_bytes
 from pretrain.param_groups import format_param_groups, layer_span, objective_param_groups
+from pretrain.run_lock import lock_run_dir
 from pretrain.schedules import cosine_lr_factor
 from pretrain.views import normalize
 
@@ -36,14 +39,24 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
         "min_loss_scale": 1}
-# Settings that may change between a run and its resumption; any other difference is refused.
+# What the loader counts (pretrain.data): samples replaced, samples lost with their shards, shards skipped.
+DATA_COUNTS = ("bad_samples", "lost_samples", "skipped_shards")
+# Settings that may change between a run and its resumption (they change nothing the run computes, or
+# are the recovery tools); any other difference is refused. data.num_workers is not one: each worker
+# draws its own shards.
 RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.keep_last", "run.max_steps",
-                     "data.num_workers", "data.train", "run.knn_every", "run.knn_pool", "data.knn_train",
-                     "data.knn_val", "data.knn_per_class")
+                     "run.knn_every", "run.knn_pool", "data.knn_train", "data.knn_val", "data.knn_per_class",
+                     "run.collective_timeout", "run.resume_tag", "run.skip_batches", "run.lr_factor",
+                     "run.loss_spike", "run.grad_norm_spike", "data.max_bad_shards", "data.verify_shards")
+# Where things are, not what they hold: a run directory, data set or DeepSpeed file may move. What they
+# hold is compared instead: the data's shards (SHA-256 and sample counts), the effective DeepSpeed config.
+# graft.init's weights are read again on resume (the L1 pull's anchor), not compared.
+LOCATIONS = ("run.dir", "data.train", "deepspeed.config", "graft.init", "graft.auto_from")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint stays `latest`."""
+def data_fingerprint(manifest):
+    """What a run's data is, wherever it lies: each shard's SHA-256 and sample count, in order."""
+    return [[shard.sha256, shard.num_samples] for shard in manifest.shards]
 
 
 def deepspeed_config(config, world):
@@ -83,17 +96,37 @@ def deepspeed_config(config, world):
     return ds
 
 
-def check_resumable(saved, config, world):
+def check_resumable(saved, config, world, data=None, ds_config=None, steps_per_epoch=None):
+    """Refuse (UserError) a resumption that would not continue the run exactly; `saved` is the checkpoint's
+    run state, the rest is this run's (data_fingerprint, effective DeepSpeed config, steps per epoch)."""
     if saved["world_size"] != world:
         raise UserError(f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
                         "resume with the same world size (ZeRO partitions are per rank)")
     current, before = _flatten(to_dict(config)), _flatten(saved["config"])
     # A key the checkpoint does not know was added to the config later: it changes nothing at its default.
     before = {**{k: v for k, v in _flatten(to_dict(Config())).items() if k not in before}, **before}
-    changed = [k for k in sorted(current) if current[k] != before.get(k, current[k]) and k not in RESUMABLE_CHANGES]
+    # Checkpoints written before the data and the DeepSpeed config were recorded compare their locations.
+    ignored = RESUMABLE_CHANGES + tuple(k for k in LOCATIONS if not (k == "data.train" and "data" not in saved)
+                                        and not (k == "deepspeed.config" and "ds_config" not in saved))
+    changed = [k for k in sorted(current) if current[k] != before.get(k, current[k]) and k not in ignored]
     if changed:
         details = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
-        raise UserError(f"the config differs from the checkpoint's ({details}); use a new run.dir to start over")
+        raise UserError(f"the config differs from the checkpoint's ({details}); the run would not continue as "
+                        "it began. Undo the change, or use a new run.dir to start over")
+    if data is not None and saved.get("data") not in (None, data):
+        raise UserError(f"data.train {config.data.train} holds other shards than the run was trained on "
+                        f"({len(data)} shards of {sum(n for _, n in data)} samples; the checkpoint's: "
+                        f"{len(saved['data'])} of {sum(n for _, n in saved['data'])}), so the run would not "
+                        "continue as it began; give the run's own data (it may have moved), or a new run.dir")
+    if steps_per_epoch is not None and saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise UserError(f"an epoch is {steps_per_epoch} steps now and was {saved['steps_per_epoch']} in the "
+                        "checkpoint: the learning-rate schedule would change; resume with the same data and batch")
+    if ds_config is not None and saved.get("ds_config") not in (None, json.loads(json.dumps(ds_config))):
+        before_ds, now_ds = _flatten(saved["ds_config"]), _flatten(json.loads(json.dumps(ds_config)))
+        keys = sorted(k for k in set(before_ds) | set(now_ds) if before_ds.get(k) != now_ds.get(k))
+        details = ", ".join(f"{k}: {before_ds.get(k)!r} -> {now_ds.get(k)!r}" for k in keys[:6])
+        raise UserError(f"the effective DeepSpeed config ({config.deepspeed.config} and deepspeed.*) differs from the "
+                        f"checkpoint's ({details}); undo the change, or use a new run.dir")
 
 
 def _flatten(tree, prefix=""):
@@ -150,7 +183,15 @@ def train(config):
 
 
 def _train(config, stop):
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=config.run.collective_timeout))
+    lock = lock_run_dir(config.run.dir)  # before anything is written there
+    try:
+        return _train_locked(config, stop)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, stop):
     world, is_main = world_size(), rank() == 0
     run_dir, ckpt_dir = Path(config.run.dir), Path(config.run.dir) / "ckpt"
 
@@ -179,33 +220,55 @@ def _train(config, stop):
     loader = make_loader(manifest, d.micro_batch_size, view=objective.view, img_size=config.data.img_size,
                          mode="resampled", num_workers=config.data.num_workers, seed=config.run.seed,
                          shuffle_buffer=config.data.shuffle_buffer, steps_per_epoch=steps_per_epoch * d.grad_accum,
-                         pin_memory=torch.cuda.is_available())
+                         pin_memory=torch.cuda.is_available(), max_bad_shards=config.data.max_bad_shards,
+                         verify_shards=config.data.verify_shards)
     total_steps = max(1, round(config.optim.epochs * steps_per_epoch))
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
     min_ratio = config.optim.min_lr / lr
-    scheduler = LambdaLR(optimizer, lambda step: cosine_lr_factor(step, warmup_steps, total_steps, min_ratio))
+    lr_factor = config.run.lr_factor
+    scheduler = LambdaLR(optimizer,
+                         lambda step: lr_factor * cosine_lr_factor(step, warmup_steps, total_steps, min_ratio))
 
     ds_config = deepspeed_config(config, world)
+    tag, rewound = checkpoint.resume_tag(ckpt_dir, config.run.resume_tag)  # verified and checked before the engine
+    if tag:
+        check_resumable(checkpoint.run_state(ckpt_dir, tag), config, world, data_fingerprint(manifest), ds_config,
+                        steps_per_epoch)
+    if is_main:
+        log.info("starting DeepSpeed (ZeRO stage %d); its first use on a machine compiles its ops into "
+                 "TORCH_EXTENSIONS_DIR, which takes minutes", ds_config.get("zero_optimization", {}).get("stage", 0))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
     dtype, device = DTYPES[d.precision], engine.device
     match_batchnorm_statistics(objective, dtype)
 
-    state = {"step": 0, "bad_samples": 0}
-    if checkpoint.latest_tag(ckpt_dir):
-        check_resumable(checkpoint.run_state(ckpt_dir), config, world)
-        saved = checkpoint.load(engine, ckpt_dir)
+    # data_offset: batches skipped by run.skip_batches so far; step s trains on the batch of step s + offset.
+    state = {"step": 0, "data_offset": 0, **{count: 0 for count in DATA_COUNTS}}
+    watch = DivergenceWatch(config.run.loss_spike, config.run.grad_norm_spike)
+    if tag:
+        saved = checkpoint.load(engine, ckpt_dir, tag)
         objective.load_extra_state(saved["objective"])
-        state.update(step=saved["step"], bad_samples=saved["bad_samples"])
+        state.update({key: saved.get(key, 0) for key in state})
+        if "divergence" in saved:
+            watch.load_state_dict(saved["divergence"])
+        if rewound and config.run.skip_batches:
+            state["data_offset"] += config.run.skip_batches
+        # The optimizer comes back with the learning rates of the run that saved it; the next step must
+        # have this run's (run.lr_factor may have changed): the same expression LambdaLR evaluates.
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         if is_main:
-            log.info("resumed %s at step %d", ckpt_dir / checkpoint.latest_tag(ckpt_dir), state["step"])
+            log.info("resumed %s at step %d%s", ckpt_dir / tag, state["step"],
+                     f", skipping the batches of {config.run.skip_batches} steps" if rewound and config.run.skip_batches
+                     else "")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
         log.info("%d processes, global batch %d, lr %.3g, %d steps (%d per epoch, %d warmup)\n%s", world,
                  global_batch, lr, total_steps, steps_per_epoch, warmup_steps, format_param_groups(groups))
-    monitor = Monitor(run_dir, is_main, total_steps, global_batch)
+    last_step = min(total_steps, config.run.max_steps or total_steps)  # run.max_steps may stop it early
+    monitor = Monitor(run_dir, is_main, last_step, global_batch)  # the console's step/total and eta
     monitor.config(dump_config(config))
     if auto_curve:
         cosines = auto_curve["cosines"]
@@ -214,11 +277,23 @@ def _train(config, stop):
                       {"graft/probe_cosines": plot_cosines(cosines, split=auto_curve["split"])})
 
     def save(step):
-        client_state = {"step": step, "bad_samples": state["bad_samples"], "objective": objective.extra_state()}
-        run_state = {"step": step, "world_size": world, "steps_per_epoch": steps_per_epoch, "config": to_dict(config)}
+        client_state = {**state, "step": step, "objective": objective.extra_state(), "divergence": watch.state_dict()}
+        run_state = {"step": step, "world_size": world, "steps_per_epoch": steps_per_epoch, "config": to_dict(config),
+                     "data": data_fingerprint(manifest), "ds_config": ds_config}
         tag = checkpoint.save(engine, ckpt_dir, step, client_state, run_state, config.run.keep_last)
         if is_main:
             log.info("saved checkpoint %s", ckpt_dir / tag)
+
+    def diverged(problem):
+        """Stop: the weights after `step` updates gave a bad loss or gradient, so a checkpoint of exactly
+        those weights is set aside (TAG.diverged) and `latest` goes back to the one before."""
+        kept = checkpoint.latest_tag(ckpt_dir)
+        if kept == checkpoint.tag_of(step):
+            kept = checkpoint.set_aside(ckpt_dir, kept, "diverged")
+        raise TrainingDiverged(
+            f"{problem} at step {step + 1}; the checkpoint from before it is {kept or 'none'} in {ckpt_dir}. To "
+            "recover, resume from it or an earlier tag (run.resume_tag=TAG), skipping the batches that blew up "
+            "(run.skip_batches=N) and/or at a lower learning rate (run.lr_factor=0.5)")
 
     knn = KNNMonitor(config, objective.encoder, device, d.micro_batch_size) if config.run.knn_every else None
 
@@ -228,63 +303,76 @@ def _train(config, stop):
             monitor.extra(step, {"eval/knn_top1": top1}, {})
             log.info("step %d  kNN top-1 %.2f %% (%s)", step, top1, config.data.knn_val)
 
-    last_step = min(total_steps, config.run.max_steps or total_steps)
     batches, step, sums, stopped_by = None, state["step"], {}, 0
     if knn and step == 0:
         measure_knn(0)  # the untrained encoder: where the curve starts
     engine.train()
-    while step < last_step:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if batches is None or step_in_epoch == 0:
-            batches = loader.epoch(epoch, step_in_epoch * d.grad_accum)
-        for micro in range(d.grad_accum):
-            batch = next(batches)
-            images = batch["images"]
-            images = [normalize(v, device).to(dtype) for v in images] if isinstance(images, list) \
-                else normalize(images, device).to(dtype)
-            if micro == 0 and config.run.diagnostics_every and step % config.run.diagnostics_every == 0:
-                torch.manual_seed(mix_seed(config.run.seed, rank(), step, -1))
-                monitor.extra(step, *objective.diagnostics(images))
-            torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
-            outputs = engine(images, batch["labels"].to(device)) if objective.uses_labels else engine(images)
-            # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
-            # so that every rank takes the same decision at the same step.
-            status = torch.tensor([outputs["loss"].detach().float(), float(not torch.isfinite(outputs["loss"])),
-                                   float(stop.signum), float(batch["bad_samples"])], device=device)
-            dist.all_reduce(status)
-            if status[1] > 0:
-                raise TrainingDiverged(f"loss is {outputs['loss'].item()} at step {step} on at least one rank; "
-                                       f"the last good checkpoint is {checkpoint.latest_tag(ckpt_dir)} in {ckpt_dir}")
-            engine.backward(outputs["loss"])
-            engine.step()
-            state["bad_samples"] += int(status[3])
-            for name, value in outputs.items():
-                value = status[0] / world if name == "loss" else value.detach().float()
-                sums[name] = sums.get(name, 0.0) + float(value) / d.grad_accum
-        step += 1
-        objective.after_step(step, total_steps)
-        monitor.step_done()
+    try:
+        while step < last_step:
+            epoch, step_in_epoch = divmod(step + state["data_offset"], steps_per_epoch)
+            if batches is None or step_in_epoch == 0:
+                batches = loader.epoch(epoch, step_in_epoch * d.grad_accum)
+            step_loss = 0.0
+            for micro in range(d.grad_accum):
+                batch = next(batches)
+                images = batch["images"]
+                images = [normalize(v, device).to(dtype) for v in images] if isinstance(images, list) \
+                    else normalize(images, device).to(dtype)
+                if micro == 0 and config.run.diagnostics_every and step % config.run.diagnostics_every == 0:
+                    torch.manual_seed(mix_seed(config.run.seed, rank(), step, -1))
+                    monitor.extra(step, *objective.diagnostics(images))
+                torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
+                outputs = engine(images, batch["labels"].to(device)) if objective.uses_labels else engine(images)
+                # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
+                # so that every rank takes the same decision at the same step.
+                local = {"loss": outputs["loss"].detach().float(),
+                         "non_finite": float(not torch.isfinite(outputs["loss"])), "stop_signal": float(stop.signum),
+                         **{count: float(batch[count]) for count in DATA_COUNTS}}
+                summed = torch.tensor(list(local.values()), device=device)
+                dist.all_reduce(summed)
+                status = dict(zip(local, summed.tolist()))
+                if status["non_finite"] > 0:
+                    diverged(f"the loss is {outputs['loss'].item()} on at least one rank")
+                engine.backward(outputs["loss"])
+                engine.step()
+                for count in DATA_COUNTS:
+                    state[count] += int(status[count])
+                step_loss += status["loss"] / world / d.grad_accum
+                for name, value in outputs.items():
+                    value = status["loss"] / world if name == "loss" else value.detach().float()
+                    sums[name] = sums.get(name, 0.0) + float(value) / d.grad_accum
+            grad_norm = engine.get_global_grad_norm()  # every rank has the same, so every rank stops alike
+            problem = watch.check(step_loss, None if grad_norm is None else float(grad_norm))
+            if problem:
+                diverged(problem)
+            step += 1
+            objective.after_step(step, total_steps)
+            monitor.step_done()
 
-        if step % config.run.log_every == 0 or step == last_step:
-            scalars = {name: value / monitor.window_steps for name, value in sums.items()}
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            grad_norm = engine.get_global_grad_norm()
-            scalars.update({f"lr/layers_{group['layers']}": group["lr"] for group in optimizer.param_groups})
-            scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                            "data/samples_seen": step * global_batch, "data/bad_samples": state["bad_samples"],
-                            "memory/bytes": memory_bytes(device), "epoch": step / steps_per_epoch})
-            monitor.report(step, scalars)
-            sums = {}
-        if knn and step % config.run.knn_every == 0:
-            measure_knn(step)
-        if config.run.image_every and step % config.run.image_every == 0:
-            monitor.images(step, "reconstruction", objective.images_to_log(images))
-        stopped_by = (stop.reason() or signal.SIGTERM) if status[2] > 0 else 0
-        if step % config.run.save_every == 0 or step == last_step or stopped_by:
-            save(step)
-        if stopped_by:
-            log.info("stopped at step %d on signal %d; run the same command again to resume", step, stopped_by)
-            break
+            if step % config.run.log_every == 0 or step == last_step:
+                scalars = {name: value / monitor.window_steps for name, value in sums.items()}
+                lrs = [group["lr"] for group in optimizer.param_groups]
+                grad_norm = engine.get_global_grad_norm()
+                scalars.update({f"lr/layers_{group['layers']}": group["lr"] for group in optimizer.param_groups})
+                scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
+                                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                                "data/samples_seen": step * global_batch,
+                                **{f"data/{count}": state[count] for count in DATA_COUNTS},
+                                "memory/bytes": memory_bytes(device), "epoch": step / steps_per_epoch})
+                monitor.report(step, scalars)
+                sums = {}
+            if knn and step % config.run.knn_every == 0:
+                measure_knn(step)
+            if config.run.image_every and step % config.run.image_every == 0:
+                monitor.images(step, "reconstruction", objective.images_to_log(images))
+            stopped_by = (stop.reason() or signal.SIGTERM) if status["stop_signal"] > 0 else 0
+            if step % config.run.save_every == 0 or step == last_step or stopped_by:
+                save(step)
+            if stopped_by:
+                log.info("stopped at step %d on signal %d; run the same command again to resume", step, stopped_by)
+                break
+    finally:  # an error must not leave the loader's workers behind: they would hold up the exit
+        if batches is not None:
+            batches.close()
     monitor.close()
     return step, stopped_by

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from data_prep.manifest import Manifest
 from pretrain.analysis import block_tokens
 from pretrain.config import load_config
 from pretrain.data import make_loader
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import UserError, check_manifest, check_writable, cli_entry
 from pretrain.grafting import load_start_weights
 from pretrain.knn import knn_accuracy
 from pretrain.models import TIMM_NAMES, create_encoder, pool_tokens
@@ -223,9 +224,13 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, help="result JSON (default: beside the encoder)")
     parser.add_argument("--tb", type=Path, help="TensorBoard log directory for the result scalar")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("--allow-partial", action="store_true", help="score the images that could be read when "
+                        "a split has fewer than its manifest lists (stated in the JSON); an error otherwise")
     args = parser.parse_intermixed_args(argv)
     if args.overrides and args.protocol != "finetune":
         parser.error(f"key=value overrides ({args.overrides[0]}) are for finetune only")
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction {args.fraction}: must be in (0, 1] (0.01 = 1 %% of the labels)")
     return args
 
 
@@ -241,10 +246,12 @@ def finetune(args, arch, img_size, patch_size):
                 f"model.patch_size={patch_size}", f"run.dir={run_dir}"]
     if args.pool:
         settings.append(f"finetune.pool={args.pool}")
-    config = load_config(args.config, settings + args.overrides)
+    if args.out:
+        check_writable(args.out, "--out")
+    config = load_config(args.config, settings + args.overrides)  # a run.dir=... override wins
     code = run(config)
     if code == 0 and rank() == 0:
-        result = json.loads((run_dir / "eval_finetune.json").read_text())
+        result = json.loads((Path(config.run.dir) / "eval_finetune.json").read_text())
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
         if args.tb:
@@ -253,13 +260,38 @@ def finetune(args, arch, img_size, patch_size):
     return code
 
 
+def result_path(args, layer):
+    if args.out:
+        return args.out
+    beside = args.encoder if args.encoder.is_dir() else args.encoder.parent
+    return beside / f"eval_{args.protocol}_{args.pool}_{layer}.json"
+
+
+def check_complete(name, labels, manifest, allow_partial):
+    """Features of fewer images than the manifest lists (a truncated or unreadable shard) give a score of
+    another data set: an error unless --allow-partial, and stated in the result either way."""
+    expected = Manifest.load(manifest).num_samples
+    if len(labels) < expected and not allow_partial:
+        raise UserError(f"--{name} {manifest}: {len(labels)} of the {expected} images the manifest lists could be "
+                        "read (see the warnings above; lg-verify names the damaged shards); pass --allow-partial to "
+                        "score the rest anyway")
+    return {"read": len(labels), "listed": expected}
+
+
 @cli_entry("lg-eval")
 def main(argv=None):
     args = parse_args(argv)
+    args.train = check_manifest(args.train, "--train", "train")
+    args.val = check_manifest(args.val, "--val", "val")
     arch, img_size, patch_size = architecture(args.encoder, args)
     if args.protocol == "finetune":
         return finetune(args, arch, img_size, patch_size)
     args.pool = args.pool or "token"
+    layer = "last" if args.layer < 0 else f"block_{args.layer:02d}"
+    out = result_path(args, layer)
+    for path, what in ((out, "--out"), (args.tb / "probe" if args.tb else None, "--tb")):
+        if path is not None:
+            check_writable(path, what)
     encoder = encoder_from(args.encoder, arch, img_size, patch_size)
     if not -1 <= args.layer < len(encoder.blocks):
         raise UserError(f"--layer {args.layer}: the encoder has blocks 0-{len(encoder.blocks) - 1}")
@@ -267,18 +299,18 @@ def main(argv=None):
                    progress=True)
     train, train_y = extract_features(encoder, args.train, img_size, **options)
     val, val_y = extract_features(encoder, args.val, img_size, **options)
+    read = {name: check_complete(name, labels, manifest, args.allow_partial)
+            for name, labels, manifest in (("train", train_y, args.train), ("val", val_y, args.val))}
     train_f, val_f = train[args.pool, args.layer], val[args.pool, args.layer]
     if args.protocol == "knn":
         accuracy = knn_accuracy(train_f, train_y, val_f, val_y, args.k, args.temperature)
     else:
         chosen = subset(train_y, args.fraction) if args.fraction < 1 else torch.arange(len(train_y))
         accuracy = linear_probe_accuracy(train_f[chosen], train_y[chosen], val_f, val_y, args.epochs, args.lr)
-    layer = "last" if args.layer < 0 else f"block_{args.layer:02d}"
     result = {"protocol": args.protocol, "encoder": str(args.encoder), "arch": arch, "pool": args.pool,
               "layer": layer, "top1": round(100 * accuracy, 2), "train_samples": len(train_y),
-              "val_samples": len(val_y), "fraction": args.fraction if args.protocol == "linear" else None}
-    out = args.out or (args.encoder if args.encoder.is_dir() else args.encoder.parent) / \
-        f"eval_{args.protocol}_{args.pool}_{layer}.json"
+              "val_samples": len(val_y), "fraction": args.fraction if args.protocol == "linear" else None,
+              "partial": any(r["read"] < r["listed"] for r in read.values()), "samples": read}
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.tb:
         write_scalar(args.tb, f"eval/{args.protocol}_{args.pool}_{layer}_top1", result["top1"])

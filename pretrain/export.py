@@ -14,13 +14,14 @@ import io
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
 
 from pretrain import checkpoint
 from pretrain.config import load_config
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import UserError, check_writable, cli_entry
 from pretrain.models import timm_name
 
 ENCODER = "encoder."
@@ -34,8 +35,9 @@ def consolidated_state_dict(ckpt_dir, tag):
     ZeRO optimizer shards through zero_to_fp32, which also rebuilds ZeRO-3's partitioned frozen ones.
     """
     tag_dir = Path(ckpt_dir) / tag
-    if not tag_dir.is_dir():
-        raise UserError(f"checkpoint {tag_dir} does not exist")
+    problem = checkpoint.problem_with(tag_dir)
+    if problem:
+        raise UserError(f"checkpoint {tag_dir} cannot be used: {problem}")
     state = {}
     module_states = tag_dir / "mp_rank_00_model_states.pt"
     if module_states.is_file():
@@ -53,7 +55,7 @@ def save_atomic(state, out):
     """torch.save `state` to `out` through a temporary file: a crash never leaves half a file there."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
+    temporary = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     torch.save(state, temporary)
     os.replace(temporary, out)
 
@@ -66,6 +68,8 @@ def export(run_dir, out, tag=None):
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
+    out = Path(out)
+    check_writable(out, "lg-export: OUT")
     tag = tag or checkpoint.latest_tag(run_dir / "ckpt")
     if tag is None:
         raise UserError(f"{run_dir / 'ckpt'} holds no checkpoint yet")
@@ -75,7 +79,6 @@ def export(run_dir, out, tag=None):
               "patch_size": config.model.patch}
     model = timm.create_model(pretrained=False, **kwargs)
     model.load_state_dict(encoder, strict=True)
-    out = Path(out)
     save_atomic(encoder, out)
     info = {"timm": kwargs, "run_dir": str(run_dir), "checkpoint": tag, "method": config.method}
     out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import Manifest
+from data_prep.shard_tar import image_bytes
 from pretrain.data import shard_samples
 from pretrain.distributed import gathered, is_distributed, rank, world_size
 from pretrain.errors import UserError
@@ -38,7 +39,7 @@ def load_share(manifest, img_size, per_class=0, rank_=0, world=1):
         if cap is not None and taken.get(label, 0) >= cap:
             continue
         try:
-            images.append(view(decode_image(sample["jpg"])))
+            images.append(view(decode_image(image_bytes(sample))))
         except Exception as error:  # counted and reported, never fatal for a monitor
             log.warning("kNN monitor: skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"),
                         error)

@@ -58,7 +58,8 @@ def run(config):
     """Train `config` in this process (one rank of a job, or a world of one); the exit code. The one
     code path of every launcher: this CLI under torchrun / deepspeed, and lg-submit's Slurm tasks."""
     from pretrain.distributed import default_env_for_single_process, rank
-    from pretrain.engine import TrainingDiverged, train
+    from pretrain.engine import train
+    from pretrain.errors import TrainingDiverged
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.config import Config, load_config
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import EXIT_GRACE_S, UserError, cli_entry, exit_code_of, exit_within
 
 
 class Trainer:
@@ -50,7 +50,12 @@ class Trainer:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         from pretrain.train import run
 
-        code = run(load_config(self.config_path, self.overrides))
+        try:
+            code = run(load_config(self.config_path, self.overrides))
+        except BaseException as error:
+            # submitit records the error and exits; that exit must not hang on the loader's workers.
+            exit_within(EXIT_GRACE_S, exit_code_of(error))
+            raise
         if code == 128 + signal.SIGUSR2:
             # The run saved a checkpoint; submitit's own handler (put back by the engine) asks for the
             # requeue on rank 0 (it calls `checkpoint` below) and exits.
@@ -58,6 +63,7 @@ class Trainer:
             if callable(handler):
                 handler(signal.SIGUSR2, None)
         if code:
+            exit_within(EXIT_GRACE_S, code)
             raise SystemExit(code)  # no result file: Slurm requeues or ends the job; a divergence is final
         return code
 
@@ -123,7 +129,9 @@ def executor_for(args, job_dir):
     import submitit
 
     if args.local:
-        executor = submitit.LocalExecutor(folder=job_dir / "%j")
+        # The local executor does not expand %j in its folder (it would leave a folder named "%j"); its
+        # files carry the job id in their names anyway.
+        executor = submitit.LocalExecutor(folder=job_dir)
         executor.update_parameters(timeout_min=args.time, tasks_per_node=args.tasks_per_node or 1, nodes=1)
         return executor
     if not shutil.which("sbatch"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_prep.manifest import Manifest, ShardInfo
+from data_prep.manifest import Manifest, ShardInfo, sha256_of_file
 from pretrain.data import make_loader, round_robin_order, resume_plan
 from pretrain.errors import UserError
 from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -120,7 +120,7 @@ def write_shard(path, samples):
     with wds.TarWriter(str(path)) as writer:
         for sample in samples:
             writer.write(sample)
-    return ShardInfo(path.name, len(samples), path.stat().st_size, "")
+    return ShardInfo(path.name, len(samples), path.stat().st_size, sha256_of_file(path))
 
 
 def make_manifest(root, shards):
@@ -140,7 +140,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     loader = make_loader(make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=2, rank=0, world_size=1)
     batches = epoch_batches(loader)
     assert sum(len(b["keys"]) for b in batches) == 8
-    assert set(batches[0]) == {"images", "labels", "keys", "bad_samples"}
+    assert set(batches[0]) == {"images", "labels", "keys", "bad_samples", "lost_samples", "skipped_shards"}
     assert not marker.exists()
 
 

@@ -154,6 +154,7 @@ def test_local_executor_runs_the_same_job_without_slurm(manifest, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished: exit codes [0, 0]" in result.stdout
     assert run_state(tmp_path / "ckpt")["world_size"] == 2 and latest_tag(tmp_path / "ckpt") == tag_of(2)
+    assert not any("%j" in p.name for p in tmp_path.rglob("*")), "no folder named after an unexpanded %j"
 
 
 def test_requeues_are_bounded(monkeypatch):
