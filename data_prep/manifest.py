@@ -43,6 +43,9 @@ class Manifest:
     def load(cls, path):
         """Read a manifest (a path to the .json, or to OUT plus the split as OUT/split.json)."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; give the manifest lg-shard wrote in it ({path}/SPLIT.json, "
+                            "e.g. train.json)")
         try:
             record = json.loads(path.read_text())
             record["shards"] = [ShardInfo(**shard) for shard in record["shards"]]

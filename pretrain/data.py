@@ -313,9 +313,12 @@ class ShardLoader:
                 self.skipped_shards += batch["skipped_shards"]
                 yield batch
         finally:
-            # Closing this generator early (an error in the trainer) drops the DataLoader iterator here and
-            # now, whose finalizer stops the workers; left to the interpreter's exit they would hang it.
-            del batches
+            # An error (here or in the trainer) must stop the workers now: the exception's traceback keeps
+            # the DataLoader iterator alive, and at the interpreter's exit multiprocessing would wait for
+            # its workers for ever (they ignore SIGTERM). This is what the iterator's finalizer calls.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def make_loader(manifest, batch_size, **options):

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,23 @@ def rank():
 
 def world_size():
     return dist.get_world_size() if is_distributed() else 1
+
+
+def set_collective_timeout(seconds):
+    """Make every collective, in every process group made from now on, give up on a silent peer after
+    `seconds`; returns the timedelta to pass to the process group's initialization too.
+
+    DeepSpeed creates its ZeRO groups with torch.distributed.new_group(ranks), which takes torch's
+    default timeout (30 min for gloo, 10 for NCCL) rather than the one the world group got; torch reads
+    that default from these module globals whenever a group is made. tests/test_failures.py checks
+    that a stopped peer is noticed in time, so a torch that moves them shows up there.
+    """
+    timeout = timedelta(seconds=seconds)
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    return timeout
 
 
 def default_env_for_single_process():

@@ -10,7 +10,6 @@ to one learning rate).
 import json
 import logging
 import signal
-from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -22,7 +21,7 @@ from data_prep.manifest import Manifest
 from pretrain import auto_split, checkpoint
 from pretrain.config import Config, dump_config, to_dict
 from pretrain.data import make_loader, mix_seed
-from pretrain.distributed import rank, world_size
+from pretrain.distributed import rank, set_collective_timeout, world_size
 from pretrain.divergence import DivergenceWatch
 from pretrain.errors import TrainingDiverged, UserError
 from pretrain.grad_conflict import plot_cosines
@@ -183,7 +182,7 @@ def train(config):
 
 
 def _train(config, stop):
-    deepspeed.init_distributed(timeout=timedelta(seconds=config.run.collective_timeout))
+    deepspeed.init_distributed(timeout=set_collective_timeout(config.run.collective_timeout))
     lock = lock_run_dir(config.run.dir)  # before anything is written there
     try:
         return _train_locked(config, stop)

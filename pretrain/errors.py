@@ -4,6 +4,7 @@ Exit codes: 0 done, 1 an unexpected error (traceback printed), 2 bad config or i
 line), 3 the training diverged (`TrainingDiverged`), 130 interrupted, 128 + N stopped by signal N after
 saving a checkpoint. lg-submit and users' scripts decide a requeue on them.
 """
+import faulthandler
 import functools
 import logging
 import multiprocessing
@@ -73,6 +74,8 @@ def exit_within(seconds, code):
 
     def force_exit():
         time.sleep(seconds)
+        print(f"exit held up for {seconds} s; what was running:", file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
         for child in multiprocessing.active_children():
             child.kill()
         for stream in (sys.stdout, sys.stderr):
@@ -122,11 +125,13 @@ def cli_entry(prog):
                 elif not isinstance(error, SystemExit):
                     traceback.print_exc()
                     print(f"{prog}: failed: {type(error).__name__}: {error}", file=sys.stderr)
-                if code:
-                    exit_within(EXIT_GRACE_S, code if isinstance(code, int) else 1)
-                sys.exit(code)
+                # The frames of the traceback hold what the failed code had open (loaders, files); let go.
+                traceback.clear_frames(error.__traceback__)
             finally:
                 _active_commands -= 1
+            if code:
+                exit_within(EXIT_GRACE_S, code if isinstance(code, int) else 1)
+            sys.exit(code)
 
         return wrapper
 

@@ -130,15 +130,16 @@ def test_finetune_augmentation_follows_the_config():
 
 def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, zero3_config):
     """Real DeepSpeed ZeRO-3 (every parameter partitioned), 2 processes: a few steps from an exported
-    encoder, then the val split measured by both ranks, a classifier file, JSON and TensorBoard."""
+    encoder, then the val split measured by both ranks, a classifier file, JSON and TensorBoard, all in
+    the run.dir the overrides name."""
     encoder = exported_encoder(tmp_path / "encoder.pth")
     result = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain.eval",
                      "finetune", encoder, "--train", demo_shards / "train.json", "--val", demo_shards / "val.json",
                      "--config", REPO / "configs" / "finetune_demo.yaml", "run.max_steps=3", "run.log_every=1",
                      "deepspeed.micro_batch_size=16", f"deepspeed.config={zero3_config}", "--out",
-                     tmp_path / "result.json", env=TRAIN_ENV, timeout=600)
+                     tmp_path / "result.json", f"run.dir={tmp_path / 'ft'}", env=TRAIN_ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "encoder_finetune"
+    run_dir = tmp_path / "ft"  # a run.dir override is where the run and its result go
     reported = json.loads((run_dir / "eval_finetune.json").read_text())
     assert reported == json.loads((tmp_path / "result.json").read_text())
     assert reported["val_samples"] == 359 and reported["steps"] == 3 and 0 <= reported["top1"] <= 100

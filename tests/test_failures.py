@@ -114,6 +114,7 @@ def reference(manifest, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     result = pretrain(run_dir, manifest, *COMMON, "run.max_steps=4", "run.save_every=2", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/4 " in result.stderr, "the console counts to run.max_steps, not to the schedule's end"
     return run_dir
 
 
@@ -262,6 +263,41 @@ def test_a_shard_whose_checksum_mismatches_is_skipped_and_counted(manifest, tmp_
     assert loader_counts(copied, verify_shards=False)[1:] == (0, 0)
     images, lost, skipped = loader_counts(copied)
     assert (images, lost, skipped) == (listed.num_samples - listed.shards[3].num_samples, listed.shards[3].num_samples, 1)
+
+
+def test_lost_samples_and_skipped_shards_reach_tensorboard(manifest, tmp_path):
+    """Every shard but one cut short: each draw of a damaged one is skipped (checksum) and counted."""
+    copied = rewrite_split(manifest, tmp_path / "shards")
+    for shard in sorted((tmp_path / "shards").glob("*.tar"))[1:]:
+        truncate(shard, 0.6)
+    result = pretrain(tmp_path / "run", copied, *COMMON, "run.max_steps=2", "data.max_bad_shards=0", nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lost, skipped = (scalar_values(tmp_path / "run", f"data/{name}") for name in ("lost_samples", "skipped_shards"))
+    assert lost[-1] >= 50 and skipped[-1] >= 2, (lost, skipped)
+    assert "does not match" not in result.stderr and "SHA-256 differs from the manifest's" in result.stderr
+
+
+def test_an_unwritable_run_dir_or_export_path_is_a_one_line_error_before_the_work(reference, manifest, tmp_path):
+    result = pretrain("/proc/lg-run", manifest, *COMMON, "run.max_steps=1", nproc=1)
+    assert result.returncode == 2 and "run.dir /proc/lg-run: cannot write there" in result.stderr, result.stderr
+    export = run_cli("pretrain.export", reference, "/proc/lg-export/encoder.pth", env=TRAIN_ENV)
+    assert export.returncode == 2 and "/proc/lg-export/encoder.pth: cannot write there" in export.stderr
+    folder = pretrain(tmp_path / "run", manifest.parent, *COMMON, "run.max_steps=1", nproc=1)
+    assert folder.returncode == 2 and "is a folder" in folder.stderr and "Traceback" not in folder.stderr
+
+
+def test_a_silent_peer_is_caught_by_the_collective_timeout(manifest, tmp_path):
+    """A rank that stops answering (SIGSTOP: a hung node) instead of dying: the other waits at most
+    run.collective_timeout in its collective, then exits non-zero."""
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    command = train_command(tmp_path / "run", manifest, "run.max_steps=400", "run.collective_timeout=10")
+    ranks = plain_ranks(command, logs, free_port())
+    wait_for(logs[0], "step 2/", ranks)
+    os.killpg(ranks[1].pid, signal.SIGSTOP)
+    try:
+        assert exits_within(ranks[:1], 10 + DEADLINE)[0] != 0
+    finally:
+        os.killpg(ranks[1].pid, signal.SIGKILL)
 
 
 def test_a_partial_val_set_fails_lg_eval_unless_allowed(demo_shards, tmp_path):
