@@ -169,6 +169,7 @@ class FinetuneConfig:
     min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
     flip: bool = True  # ... horizontal flips ...
     rand_augment: int = 9  # ... and RandAugment of this magnitude (0: off)
+    allow_partial: bool = False  # score val even when fewer images could be read than its manifest lists
 
 
 @dataclass

@@ -46,7 +46,8 @@ DATA_COUNTS = ("bad_samples", "lost_samples", "skipped_shards")
 RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.keep_last", "run.max_steps",
                      "run.knn_every", "run.knn_pool", "data.knn_train", "data.knn_val", "data.knn_per_class",
                      "run.collective_timeout", "run.resume_tag", "run.skip_batches", "run.lr_factor",
-                     "run.loss_spike", "run.grad_norm_spike", "data.max_bad_shards", "data.verify_shards")
+                     "run.loss_spike", "run.grad_norm_spike", "data.max_bad_shards", "data.verify_shards",
+                     "finetune.allow_partial")
 # Where things are, not what they hold: a run directory, data set or DeepSpeed file may move. What they
 # hold is compared instead: the data's shards (SHA-256 and sample counts), the effective DeepSpeed config.
 # graft.init's weights are read again on resume (the L1 pull's anchor), not compared.

@@ -164,9 +164,14 @@ def finetune_result(config, step):
             counts[1] += len(batch["labels"])
     if is_distributed():
         dist.all_reduce(counts)
+    if int(counts[1]) < manifest.num_samples and not config.finetune.allow_partial:
+        raise UserError(f"finetune.val {config.finetune.val}: {int(counts[1])} of the {manifest.num_samples} images "
+                        "the manifest lists could be read (see the warnings above); the checkpoint stays — set "
+                        "finetune.allow_partial=true (lg-eval: --allow-partial) to score the rest")
     result = {"protocol": "finetune", "encoder": config.graft.init, "run_dir": str(run_dir), "arch": config.model.arch,
               "pool": config.finetune.pool, "layer": "last", "top1": round(100 * float(counts[0] / counts[1]), 2),
-              "val_samples": int(counts[1]), "steps": step, "classifier": str(weights)}
+              "val_samples": int(counts[1]), "steps": step, "classifier": str(weights),
+              "partial": int(counts[1]) < manifest.num_samples}
     if rank() == 0:
         (run_dir / "eval_finetune.json").write_text(json.dumps(result, indent=1) + "\n")
         write_scalar(run_dir / "tb", "eval/finetune_top1", result["top1"], step)
@@ -246,6 +251,8 @@ def finetune(args, arch, img_size, patch_size):
                 f"model.patch_size={patch_size}", f"run.dir={run_dir}"]
     if args.pool:
         settings.append(f"finetune.pool={args.pool}")
+    if args.allow_partial:
+        settings.append("finetune.allow_partial=true")
     if args.out:
         check_writable(args.out, "--out")
     config = load_config(args.config, settings + args.overrides)  # a run.dir=... override wins

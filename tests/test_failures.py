@@ -317,6 +317,13 @@ def test_a_partial_val_set_fails_lg_eval_unless_allowed(demo_shards, tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["partial"] and result["samples"]["val"]["read"] < result["samples"]["val"]["listed"] == 359
+    finetune = run_cli("pretrain.eval", "finetune", encoder, "--train", demo_shards / "train.json", "--val", val,
+                       "--arch", "vit_tiny", "--img-size", 32, "--patch-size", 8, "--config",
+                       REPO / "configs" / "finetune_demo.yaml", "run.max_steps=1", "deepspeed.micro_batch_size=16",
+                       f"run.dir={tmp_path / 'ft'}", env=TRAIN_ENV)
+    assert finetune.returncode == 2, finetune.stderr[-2000:]
+    assert "images the manifest lists could be read" in finetune.stderr and "--allow-partial" in finetune.stderr
+    assert not (tmp_path / "ft" / "eval_finetune.json").exists() and (tmp_path / "ft" / "ckpt").is_dir()
 
 
 def test_lg_eval_checks_its_inputs_and_outputs_before_the_work(demo_shards, tmp_path):
