@@ -125,8 +125,8 @@ def frozen_scores(encoder, train_manifest, val_manifest, img_size, pools=("token
 def finetune_result(config, step):
     """Top-1 of fine-tuning run `config` (its latest checkpoint) on finetune.val, as a result dict.
 
-    Rank 0 consolidates the checkpoint into RUN_DIR/classifier.pth (the fine-tuned encoder and head,
-    float32); every rank then classifies its share of the val shards and the counts are summed. Rank 0
+    Rank 0 consolidates the checkpoint into RUN_DIR/classifier.pth, a float32 timm state_dict that
+    `timm.create_model(**classifier.json["timm"])` loads strictly; every rank then classifies its share of the val shards and the counts are summed. Rank 0
     writes RUN_DIR/eval_finetune.json and `eval/finetune_top1` to the run's TensorBoard log.
     """
     import torch.distributed as dist
@@ -136,15 +136,22 @@ def finetune_result(config, step):
     from pretrain import checkpoint
     from pretrain.distributed import is_distributed, rank, world_size
     from pretrain.export import consolidated_state_dict, save_atomic
-    from pretrain.methods.finetune import FineTune
+    import timm
+
+    from pretrain.methods.finetune import num_classes_of
+    from pretrain.models import classifier_kwargs
 
     run_dir = Path(config.run.dir)
     weights = run_dir / "classifier.pth"
+    kwargs = classifier_kwargs(config.model.arch, config.data.img_size, config.model.patch, num_classes_of(config),
+                               config.finetune.pool)
     if rank() == 0:
-        save_atomic(consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt")), weights)
+        state = consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt"))
+        save_atomic({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}, weights)
+        weights.with_suffix(".json").write_text(json.dumps({"timm": kwargs}, indent=1) + "\n")
     if is_distributed():
         dist.barrier()
-    model = FineTune.from_config(config)
+    model = timm.create_model(pretrained=False, **kwargs)  # what a user of classifier.pth does
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     device = torch.device(get_accelerator().current_device_name())
     model.to(device).eval()
@@ -160,7 +167,8 @@ def finetune_result(config, step):
                                   enabled=device.type == "cuda" and config.deepspeed.precision != "fp32")
         for batch in tqdm(loader.epoch(0), total=loader.num_batches(0), desc="val", unit="batch", disable=rank() > 0):
             with autocast:
-                counts[0] += model.correct(normalize(batch["images"], device), batch["labels"].to(device))
+                logits = model(normalize(batch["images"], device))
+                counts[0] += int((logits.argmax(dim=1) == batch["labels"].to(device)).sum())
             counts[1] += len(batch["labels"])
     if is_distributed():
         dist.all_reduce(counts)

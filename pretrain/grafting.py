@@ -51,17 +51,19 @@ def read_state_dict(source):
     return cleaned
 
 
-def load_start_weights(encoder, source):
-    """Copy the encoder weights from `source` into `encoder`; return how many keys were ignored."""
+def load_start_weights(encoder, source, fresh=()):
+    """Copy the encoder weights from `source` into `encoder`, but for the keys starting with a prefix in
+    `fresh`, which keep their initialization; return how many keys of `source` were ignored."""
     state = read_state_dict(source)
-    expected = encoder.state_dict()
+    expected = {name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith(tuple(fresh))}
     for name, tensor in expected.items():
         if name not in state:
             raise UserError(f"graft.init: {source} has no {name!r} (is it a ViT of this architecture?)")
         if state[name].shape != tensor.shape:
             raise UserError(f"graft.init: {source}: {name} has shape {tuple(state[name].shape)}, this encoder "
                             f"needs {tuple(tensor.shape)} (check model.arch, model.patch_size and data.img_size)")
-    encoder.load_state_dict({name: state[name] for name in expected}, strict=True)
+    missing = encoder.load_state_dict({name: state[name] for name in expected}, strict=False).missing_keys
+    assert all(name.startswith(tuple(fresh)) for name in missing), missing
     ignored = sorted(set(state) - set(expected))
     if rank() == 0:
             log.info("encoder initialized from %s (%d tensors; %d others ignored%s)", source, len(expected),

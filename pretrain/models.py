@@ -34,6 +34,32 @@ def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing
     return encoder
 
 
+# finetune.pool -> timm's global_pool. timm's "avg" is MAE's global pool exactly: the mean of the patch
+# tokens through `fc_norm`, with no final `norm` (MAE's models_vit deletes it); "token" keeps `norm`.
+TIMM_POOLS = {"mean": "avg", "token": "token"}
+
+
+def classifier_kwargs(arch, img_size, patch_size, num_classes, pool):
+    """The timm.create_model arguments of a fine-tuned classifier (written beside classifier.pth)."""
+    return {"model_name": timm_name(arch), "num_classes": num_classes, "global_pool": TIMM_POOLS[pool],
+            "img_size": img_size, "patch_size": patch_size}
+
+
+def create_classifier(arch, img_size, patch_size, num_classes, pool="mean", drop_path=0.0, grad_checkpointing=False):
+    """timm's VisionTransformer with a classification head, as MAE fine-tunes it: the head initialized at
+    N(0, 2e-5) (truncated) with a zero bias, the position embedding trainable (it starts as the fixed
+    sin-cos table until starting weights overwrite it). Its state_dict is a timm one."""
+    model = timm.create_model(pretrained=False, drop_path_rate=drop_path,
+                              **classifier_kwargs(arch, img_size, patch_size, num_classes, pool))
+    set_sincos_pos_embed(model.pos_embed, model.patch_embed.grid_size, model.num_prefix_tokens)
+    model.pos_embed.requires_grad_(True)
+    timm.layers.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    if grad_checkpointing:
+        enable_block_checkpointing(model.blocks)
+    return model
+
+
 def encoder_for(config, grad_checkpointing=False):
     """The encoder a run config describes (model.arch, data.img_size, model.patch_size, model.drop_path,
     model.global_pool). Methods with a momentum copy enable block checkpointing themselves, after copying."""
@@ -42,8 +68,11 @@ def encoder_for(config, grad_checkpointing=False):
 
 
 def pool_tokens(encoder, tokens, pool):
-    """Of (N, T, D) encoder tokens: the class token (`pool="token"`) or the mean of the patch tokens ("mean")."""
-    return tokens[:, 0] if pool == "token" else tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
+    """Of (N, T, D) encoder tokens: the class token (`pool="token"`) or the mean of the patch tokens ("mean"),
+    through the encoder's `fc_norm` (an identity but in a global-pool model such as MAE's fine-tuned ones)."""
+    if pool == "token":
+        return tokens[:, 0]
+    return encoder.fc_norm(tokens[:, encoder.num_prefix_tokens:].mean(dim=1))
 
 
 def sincos_2d_table(grid_size, dim):

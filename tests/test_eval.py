@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import timm
 import torch
 from timm.layers import DropPath
 
@@ -11,7 +12,7 @@ from pretrain.errors import UserError
 from pretrain.eval import knn_accuracy, linear_probe_accuracy, subset
 from pretrain.methods import build_objective
 from pretrain.methods.finetune import FineTune
-from pretrain.models import create_encoder
+from pretrain.models import create_classifier, create_encoder
 from pretrain.param_groups import objective_param_groups
 from pretrain.views import make_view
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
@@ -86,7 +87,7 @@ def test_subset_keeps_a_fraction_of_every_class():
 
 def test_finetune_objective_learns_separable_classes_with_label_smoothing():
     torch.manual_seed(0)
-    model = FineTune(create_encoder("vit_tiny", 16, 8, drop_path=0.1), num_classes=2, pool="mean")
+    model = FineTune(create_classifier("vit_tiny", 16, 8, 2, "mean", drop_path=0.1), pool="mean")
     images = torch.randn(32, 3, 16, 16) * 0.1
     labels = torch.arange(32) % 2
     images[labels == 1] += 1.0  # class 1 is brighter
@@ -109,7 +110,7 @@ def test_finetune_groups_decay_the_learning_rate_by_depth():
     scale = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
     depth = len(objective.encoder.blocks)
     assert scale == {layer: 0.75 ** (depth + 1 - layer) for layer in range(depth + 2)}
-    head = next(g for g in groups if "head.weight" in g["names"])
+    head = next(g for g in groups if "encoder.head.weight" in g["names"])
     assert head["lr_scale"] == 1.0 and head["weight_decay"] == 0.05
     position = next(g for g in groups if "encoder.pos_embed" in g["names"])  # trained, as MAE fine-tunes
     assert position["lr_scale"] == 0.75 ** (depth + 1) and position["weight_decay"] == 0
@@ -146,7 +147,10 @@ def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, ze
     assert result.stdout.count('"protocol": "finetune"') == 1  # printed by rank 0 only
     config = load_config(run_dir / "config.yaml")
     assert (config.model.patch_size, config.method, config.graft.init) == (8, "finetune", str(encoder))
-    classifier = FineTune.from_config(config)
+    timm_call = json.loads((run_dir / "classifier.json").read_text())["timm"]
+    assert timm_call == {"model_name": "vit_tiny_patch16_224", "num_classes": 10, "global_pool": "avg",
+                         "img_size": 32, "patch_size": 8}
+    classifier = timm.create_model(**timm_call)  # a timm model, as MAE's global-pool fine-tuned one
     classifier.load_state_dict(torch.load(run_dir / "classifier.pth", weights_only=True), strict=True)
     events = tensorboard(run_dir)
     assert [e.value for e in events.Scalars("eval/finetune_top1")] == [pytest.approx(reported["top1"])]

@@ -117,8 +117,8 @@ def test_finetuning_also_spares_position_embedding_and_class_token():
     """main_finetune.py: param_groups_lrd(..., no_weight_decay_list=model.no_weight_decay()), which is
     {pos_embed, cls_token, dist_token} for a timm ViT."""
     decay = decay_of("finetune", "optim.weight_decay=0.05")
-    assert decay["encoder.pos_embed"] == decay["encoder.cls_token"] == decay["encoder.norm.bias"] == 0.0
-    assert decay["head.weight"] == decay["encoder.blocks.0.mlp.fc1.weight"] == 0.05
+    assert decay["encoder.pos_embed"] == decay["encoder.cls_token"] == decay["encoder.fc_norm.bias"] == 0.0
+    assert decay["encoder.head.weight"] == decay["encoder.blocks.0.mlp.fc1.weight"] == 0.05
 
 
 def test_a_bad_decay_exemption_is_a_named_error():
@@ -141,3 +141,44 @@ def test_position_table_is_maes_sincos_in_maes_channel_order():
     assert not encoder.pos_embed.requires_grad
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d_table((2, 2), 6)
+
+
+def maes_global_pool_forward(model, images):
+    """MAE's models_vit.VisionTransformer(global_pool=True).forward, written out from the official file:
+    patch embedding, class token, positions, blocks, mean of the patch tokens, fc_norm, head."""
+    x = model.patch_embed(images)
+    x = torch.cat((model.cls_token.expand(len(x), -1, -1), x), dim=1) + model.pos_embed
+    for block in model.blocks:
+        x = block(x)
+    return model.head(model.fc_norm(x[:, 1:, :].mean(dim=1)))
+
+
+def test_finetuning_classifier_is_maes_global_pool_model_and_a_timm_state_dict(tmp_path):
+    """MAE's global-pool classifier has one LayerNorm (fc_norm, after the mean; `del self.norm`), a head at
+    trunc_normal(2e-5), and fresh head / fc_norm over the pretrained weights (main_finetune.py's
+    missing keys); ours is that, and a strict timm state_dict."""
+    import timm
+
+    from pretrain.models import create_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier("vit_tiny", 32, 8, 10, "mean").eval()
+    assert isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.LayerNorm)
+    assert model.pos_embed.requires_grad and 0 < model.head.weight.std() < 4e-5 and not model.head.bias.any()
+    with torch.no_grad():
+        model.head.weight.normal_()  # a head that says something
+        images = torch.randn(4, 3, 32, 32)
+        assert torch.allclose(model(images), maes_global_pool_forward(model, images), atol=1e-6)
+    timm.create_model("vit_tiny_patch16_224", num_classes=10, global_pool="avg", img_size=32,
+                      patch_size=8).load_state_dict(model.state_dict(), strict=True)
+    token = create_classifier("vit_tiny", 32, 8, 10, "token")
+    assert isinstance(token.norm, nn.LayerNorm) and isinstance(token.fc_norm, nn.Identity)
+
+    config = load_config(None, [*TINY, "method=finetune", "finetune.num_classes=10"])
+    pretrained = create_encoder("vit_tiny", 32, 8)
+    torch.save(pretrained.state_dict(), tmp_path / "encoder.pth")
+    config.graft.init = str(tmp_path / "encoder.pth")
+    objective = build_objective(config)
+    loaded = objective.encoder.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("norm."))
+    assert "norm.weight" not in loaded and loaded["head.weight"].std() < 4e-5

@@ -24,7 +24,7 @@ def build_objective(config):
     objective = OBJECTIVES[config.method].from_config(config)
     graft = config.graft
     if graft.init:
-        load_start_weights(objective.encoder, graft.init)
+        load_start_weights(objective.encoder, graft.init, fresh=objective.fresh_weights)
         objective.on_encoder_loaded()
     if graft.l1_weight > 0:
         depth = len(objective.encoder.blocks)

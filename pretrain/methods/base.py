@@ -20,12 +20,15 @@ class Objective(nn.Module):
     * `diagnostics(images)`: extra measurements every run.diagnostics_every steps, on every rank:
       (scalars, images) dicts for TensorBoard.
     * `on_encoder_loaded()`: called after starting weights were copied into `encoder` (grafting).
+    * `fresh_weights`: prefixes of `encoder` keys that keep their own initialization instead of coming
+      from graft.init (a fine-tuning head).
     * `l1_pull`: an optional `pretrain.grafting.L1Pull`; `regularized(outputs)` adds it to the loss.
     """
 
     view = "eval"
     decay_exempt = "1d_tokens"
     uses_labels = False
+    fresh_weights = ()
     encoder: nn.Module
 
     def __init__(self):

@@ -1,26 +1,25 @@
 """Supervised fine-tuning of a pretrained encoder: the `finetune` protocol of lg-eval, trained by the
 same engine as pretraining (DeepSpeed, checkpoints, resume, Slurm).
 
-The whole encoder trains, with stochastic depth (model.drop_path) and layer-wise lr decay
-(optim.layer_decay, applied by pretrain.param_groups like every other lr rule), under a linear
-classifier; the loss is cross-entropy with label smoothing. As MAE's fine-tuning: a mean of the patch
-tokens (`pool: mean`, MAE's global pool) through a fresh LayerNorm (`fc_norm`) or the class token
-(`pool: token`), and a head initialized at N(0, 2e-5); the position embedding, fixed in pretraining,
-trains too. Augmentation: MAE's crop, flip and RandAugment, each adjustable (finetune.min_scale, flip,
-rand_augment: small or symmetric-sensitive images, such as the demo's digits, need milder ones). The
-starting weights come through graft.init.
+The model is timm's VisionTransformer with a head (`pretrain.models.create_classifier`), so the result
+is a timm state_dict: `pool: mean` is timm's `global_pool="avg"`, which is MAE's global pool (the mean
+of the patch tokens through `fc_norm`, no final `norm`; MAE's models_vit), `pool: token` the class token
+after the final norm. The starting weights come through graft.init; the head and `fc_norm` start fresh
+(the head at N(0, 2e-5)), and a pretrained `norm` is not used by the global-pool model, as in MAE's
+main_finetune. The whole model trains, the position embedding included, with stochastic depth
+(model.drop_path) and layer-wise lr decay (optim.layer_decay, applied by pretrain.param_groups like every
+other lr rule); the loss is cross-entropy with label smoothing. Augmentation: MAE's crop, flip and
+RandAugment, each adjustable (finetune.min_scale, flip, rand_augment: small or symmetric-sensitive
+images, such as the demo's digits, need milder ones).
 """
 import functools
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from torch import nn
-
 from data_prep.manifest import Manifest
 from pretrain.errors import UserError
 from pretrain.methods.base import Objective
-from pretrain.models import encoder_for, pool_tokens
+from pretrain.models import create_classifier
 from pretrain.views import finetune_view
 
 
@@ -36,26 +35,24 @@ def num_classes_of(config):
 
 class FineTune(Objective):
     uses_labels = True
+    fresh_weights = ("head.", "fc_norm.")  # not taken from graft.init: they start at their own init
 
-    def __init__(self, encoder, num_classes, pool="mean", label_smoothing=0.1, augmentation=None):
+    def __init__(self, classifier, pool="mean", label_smoothing=0.1, augmentation=None):
         super().__init__()
         self.view = functools.partial(finetune_view, **(augmentation or {}))
-        self.encoder, self.pool, self.label_smoothing = encoder, pool, label_smoothing
-        encoder.pos_embed.requires_grad_(True)  # fixed sin-cos in pretraining; MAE fine-tunes it
-        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
-        self.head = nn.Linear(encoder.embed_dim, num_classes)
-        trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
+        self.encoder, self.pool, self.label_smoothing = classifier, pool, label_smoothing
 
     @classmethod
     def from_config(cls, config):
         c = config.finetune
         augmentation = dict(min_scale=c.min_scale, flip=c.flip, rand_augment=c.rand_augment)
-        return cls(encoder_for(config, config.model.grad_checkpointing), num_classes_of(config), c.pool,
-                   c.label_smoothing, augmentation)
+        m = config.model
+        classifier = create_classifier(m.arch, config.data.img_size, m.patch, num_classes_of(config), c.pool,
+                                       m.drop_path, m.grad_checkpointing)
+        return cls(classifier, c.pool, c.label_smoothing, augmentation)
 
     def logits(self, images):
-        return self.head(self.fc_norm(pool_tokens(self.encoder, self.encoder.forward_features(images), self.pool)))
+        return self.encoder(images)
 
     def forward(self, images, labels):
         logits = self.logits(images)
