@@ -37,7 +37,7 @@ from pretrain.analysis import block_tokens
 from pretrain.config import load_config
 from pretrain.data import make_loader
 from pretrain.errors import UserError, check_manifest, check_writable, cli_entry
-from pretrain.grafting import load_start_weights
+from pretrain.grafting import load_start_weights, read_state_dict
 from pretrain.knn import knn_accuracy
 from pretrain.models import TIMM_NAMES, create_encoder, pool_tokens
 from pretrain.views import normalize
@@ -46,8 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def encoder_from(source, arch, img_size, patch_size):
+    """The encoder of `source` in eval mode. A global-pool classifier (MAE's fine-tuned release files and
+    our classifier.pth: `fc_norm` and no `norm`) keeps that layout: its "mean" features pass `fc_norm`."""
     encoder = create_encoder(arch, img_size, patch_size)
-    load_start_weights(encoder, source)
+    state = read_state_dict(source)
+    if "fc_norm.weight" in state and "norm.weight" not in state:
+        encoder.norm, encoder.fc_norm = nn.Identity(), nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+    load_start_weights(encoder, source, state=state)
     return encoder.eval()
 
 

@@ -51,10 +51,11 @@ def read_state_dict(source):
     return cleaned
 
 
-def load_start_weights(encoder, source, fresh=()):
-    """Copy the encoder weights from `source` into `encoder`, but for the keys starting with a prefix in
-    `fresh`, which keep their initialization; return how many keys of `source` were ignored."""
-    state = read_state_dict(source)
+def load_start_weights(encoder, source, fresh=(), state=None):
+    """Copy the encoder weights from `source` (or its `state`, read already) into `encoder`, but for the
+    keys starting with a prefix in `fresh`, which keep their initialization; return how many keys of
+    `source` were ignored."""
+    state = read_state_dict(source) if state is None else state
     expected = {name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith(tuple(fresh))}
     for name, tensor in expected.items():
         if name not in state:

@@ -182,3 +182,21 @@ def test_finetuning_classifier_is_maes_global_pool_model_and_a_timm_state_dict(t
     loaded = objective.encoder.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("norm."))
     assert "norm.weight" not in loaded and loaded["head.weight"].std() < 4e-5
+
+
+def test_maes_global_pool_fine_tuned_layout_is_read_for_evaluation(tmp_path):
+    """MAE's fine-tuned release files hold fc_norm.* and no norm.*: evaluation reads them as the
+    global-pool model they are, its mean features through fc_norm."""
+    from pretrain.eval import encoder_from
+    from pretrain.models import create_classifier, pool_tokens
+
+    torch.manual_seed(0)
+    classifier = create_classifier("vit_tiny", 32, 8, 10, "mean").eval()
+    with torch.no_grad():
+        classifier.fc_norm.weight.uniform_(0.5, 1.5)
+    torch.save({"model": classifier.state_dict()}, tmp_path / "mae_finetuned.pth")
+    encoder = encoder_from(tmp_path / "mae_finetuned.pth", "vit_tiny", 32, 8)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        features = pool_tokens(encoder, encoder.forward_features(images), "mean")
+        assert torch.allclose(features, classifier.forward_head(classifier.forward_features(images), pre_logits=True))
