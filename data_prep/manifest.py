@@ -33,6 +33,7 @@ class Manifest:
     shards: list  # [ShardInfo]
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
     fingerprint: str = ""  # identifies the lg-shard invocation that wrote the shards
+    subset: dict = field(default_factory=dict)  # a label subset's file or fraction (data_prep.subsets); {}: all
     root: Path = field(default=Path("."), compare=False, repr=False)
 
     @property

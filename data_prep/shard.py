@@ -2,6 +2,7 @@
 
     lg-shard SRC OUT --split train [--layout imagenet|imagefolder] [--max-per-shard N | --shard-size-mb M]
              [--workers W] [--seed S] [--reencode] [--full-decode]
+             [--subset-file 1percent.txt | --subset-fraction 0.01 [--subset-seed S]]
 
 Every sample is `KEY.jpg` (the source file's bytes, unchanged unless --reencode converts a non-RGB or
 non-JPEG image), `KEY.cls` (class index) and `KEY.json` ({"path", "class"}). The file list is shuffled
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from data_prep.images import inspect_image, to_rgb_jpeg
 from data_prep.manifest import Manifest, ShardInfo, write_json_atomic
 from data_prep.sources import find_split
+from data_prep.subsets import read_subset_file, select_fraction, select_listed
 from data_prep.shard_tar import TAR_BLOCK, ShardTarWriter
 from pretrain.errors import UserError, cli_entry
 
@@ -202,6 +204,12 @@ def parse_args(argv):
                         help="convert CMYK/grayscale JPEGs and non-JPEG files to RGB JPEG")
     parser.add_argument("--full-decode", action="store_true",
                         help="fully decode every JPEG to check it (default: a structural check, ~100x cheaper)")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--subset-file", type=Path, help="shard only the files this list names, one base name a "
+                        "line (SimCLR's ImageNet 1percent.txt / 10percent.txt); a missing name is an error")
+    subset.add_argument("--subset-fraction", type=float, help="shard this fraction of every class (at least one "
+                        "image each), chosen by --subset-seed")
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of --subset-fraction's choice")
     parser.add_argument("--val-labels", type=Path,
                         help="flat ImageNet val: ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv "
                              "(default: looked for in SRC)")
@@ -225,10 +233,20 @@ def main(argv=None):
     source = find_split(args.src, split, args.layout, classes=_classes_of_other_split(out, split),
                         val_labels=args.val_labels, synsets=args.synsets)
     log.info("found %d images in %d classes", len(source.images), len(source.classes))
+    subset = {}
+    if args.subset_file:
+        names = read_subset_file(args.subset_file)
+        source.images = select_listed(source.images, names, f"--subset-file {args.subset_file}")
+        subset = {"file": str(args.subset_file), "names": len(names)}
+    elif args.subset_fraction is not None:
+        source.images = select_fraction(source.images, args.subset_fraction, args.subset_seed)
+        subset = {"fraction": args.subset_fraction, "seed": args.subset_seed}
+    if subset:
+        log.info("subset %s: %d images", subset, len(source.images))
     max_bytes = None if args.shard_size_mb is None else int(args.shard_size_mb * 1e6)
     plans = plan_shards(source.images, split, args.seed, args.max_per_shard, max_bytes, args.src)
     options = {"split": split, "layout": args.layout, "seed": args.seed, "reencode": args.reencode,
-               "full_decode": args.full_decode}
+               "full_decode": args.full_decode, **({"subset": subset} if subset else {})}
     run_fingerprint = fingerprint(plans, source.classes, options)
 
     manifest_path = out / f"{split}.json"
@@ -254,7 +272,8 @@ def main(argv=None):
     records = [records[plan.index] for plan in plans]
     shards = [ShardInfo(**record["shard"]) for record in records]
     skipped = source.unlabeled + [item for record in records for item in record["skipped"]]
-    manifest = Manifest(split, source.classes, sum(s.num_samples for s in shards), shards, skipped, run_fingerprint)
+    manifest = Manifest(split, source.classes, sum(s.num_samples for s in shards), shards, skipped, run_fingerprint,
+                        subset)
     manifest.save(manifest_path)
     shutil.rmtree(progress)
     converted = sum(record["converted"] for record in records)

@@ -274,3 +274,39 @@ def test_interrupted_sharding_resumes_with_every_image_exactly_once(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([f"train-{i:06d}.tar" for i in range(60)] + ["train.json"])
     verified = run_cli("data_prep.verify", out, "--split", "train")
     assert verified.returncode == 0, verified.stdout
+
+
+def test_a_subset_list_shards_exactly_the_listed_files_and_a_missing_name_is_named(demo_images, tmp_path):
+    files = sorted((demo_images / "train").rglob("*.jpg"))
+    listed = [files[i] for i in range(0, len(files), 97)]  # 15 files across the classes
+    subset = tmp_path / "1percent.txt"
+    subset.write_text("# a subset list, SimCLR's format\n" + "".join(f"{p.name}\n" for p in listed))
+    out = tmp_path / "subset"
+    result = run_cli("data_prep.shard", demo_images, out, "--split", "train", "--layout", "imagefolder",
+                     "--subset-file", subset, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out, "train")
+    paths = sorted(json.loads(s["json"])["path"] for s in tar_samples(out, "train").values())
+    assert paths == sorted(p.relative_to(demo_images).as_posix() for p in listed)
+    assert manifest["num_samples"] == 15 and manifest["subset"] == {"file": str(subset), "names": 15}
+    subset.write_text(subset.read_text() + "n01440764_10026.JPEG\n")
+    missing = run_cli("data_prep.shard", demo_images, tmp_path / "other", "--split", "train", "--layout",
+                      "imagefolder", "--subset-file", subset)
+    assert missing.returncode == 2 and "'n01440764_10026.JPEG' is not an image of this split" in missing.stderr
+
+
+def test_a_subset_fraction_keeps_that_share_of_every_class_by_seed(demo_images, tmp_path):
+    counts = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"fraction{len(counts)}"
+        result = run_cli("data_prep.shard", demo_images, out, "--split", "train", "--layout", "imagefolder",
+                         "--subset-fraction", 0.1, "--subset-seed", seed, "--workers", 1)
+        assert result.returncode == 0, result.stderr
+        counts[out] = sorted(json.loads(s["json"])["path"] for s in tar_samples(out, "train").values())
+    first, again, other = counts.values()
+    per_class = {}
+    for path in first:
+        per_class[Path(path).parent.name] = per_class.get(Path(path).parent.name, 0) + 1
+    sizes = {d.name: len(list(d.glob("*.jpg"))) for d in (demo_images / "train").iterdir()}
+    assert per_class == {name: max(1, round(0.1 * n)) for name, n in sizes.items()}
+    assert first == again and first != other
