@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,19 @@ class Manifest:
         write_json_atomic(path, record)
 
 
-def write_json_atomic(path, record):
+def temporary_path(path):
+    """A temporary name beside `path`, of this host and process: two writers never share one."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file, then rename it: a reader sees the old content or
+    the new, never half a file."""
+    temporary = temporary_path(path)
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomic(path, record):
+    write_atomic(path, json.dumps(record, indent=1) + "\n")

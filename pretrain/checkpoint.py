@@ -13,12 +13,11 @@ import logging
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import torch.distributed as dist
 
-from data_prep.manifest import sha256_of_file
+from data_prep.manifest import sha256_of_file, write_atomic
 from pretrain.distributed import is_distributed, rank, world_size
 from pretrain.errors import UserError
 
@@ -37,15 +36,6 @@ def tag_of(step):
 def latest_tag(ckpt_dir):
     path = Path(ckpt_dir) / LATEST
     return path.read_text().strip() if path.is_file() else None
-
-
-def write_atomic(path, text):
-    """Write `text` to `path` through a temporary file of this host and process, then rename it: a reader
-    sees the old content or the new, and two writers never share a temporary file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def tags(ckpt_dir):

@@ -121,8 +121,9 @@ def check_resumable(saved, config, world, data=None, ds_config=None, steps_per_e
     if steps_per_epoch is not None and saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
         raise UserError(f"an epoch is {steps_per_epoch} steps now and was {saved['steps_per_epoch']} in the "
                         "checkpoint: the learning-rate schedule would change; resume with the same data and batch")
-    if ds_config is not None and saved.get("ds_config") not in (None, json.loads(json.dumps(ds_config))):
-        before_ds, now_ds = _flatten(saved["ds_config"]), _flatten(json.loads(json.dumps(ds_config)))
+    current_ds = None if ds_config is None else json.loads(json.dumps(ds_config))  # as the checkpoint holds it
+    if current_ds is not None and saved.get("ds_config") not in (None, current_ds):
+        before_ds, now_ds = _flatten(saved["ds_config"]), _flatten(current_ds)
         keys = sorted(k for k in set(before_ds) | set(now_ds) if before_ds.get(k) != now_ds.get(k))
         details = ", ".join(f"{k}: {before_ds.get(k)!r} -> {now_ds.get(k)!r}" for k in keys[:6])
         raise UserError(f"the effective DeepSpeed config ({config.deepspeed.config} and deepspeed.*) differs from the "
@@ -342,7 +343,8 @@ def _train_locked(config, stop):
                     value = status["loss"] / world if name == "loss" else value.detach().float()
                     sums[name] = sums.get(name, 0.0) + float(value) / d.grad_accum
             grad_norm = engine.get_global_grad_norm()  # every rank has the same, so every rank stops alike
-            problem = watch.check(step_loss, None if grad_norm is None else float(grad_norm))
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            problem = watch.check(step_loss, grad_norm)
             if problem:
                 diverged(problem)
             step += 1
@@ -352,10 +354,9 @@ def _train_locked(config, stop):
             if step % config.run.log_every == 0 or step == last_step:
                 scalars = {name: value / monitor.window_steps for name, value in sums.items()}
                 lrs = [group["lr"] for group in optimizer.param_groups]
-                grad_norm = engine.get_global_grad_norm()
                 scalars.update({f"lr/layers_{group['layers']}": group["lr"] for group in optimizer.param_groups})
                 scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
-                                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                                "grad_norm": grad_norm if grad_norm is not None else 0.0,
                                 "data/samples_seen": step * global_batch,
                                 **{f"data/{count}": state[count] for count in DATA_COUNTS},
                                 "memory/bytes": memory_bytes(device), "epoch": step / steps_per_epoch})

@@ -14,11 +14,11 @@ import io
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import torch
 
+from data_prep.manifest import temporary_path
 from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.errors import UserError, check_writable, cli_entry
@@ -55,7 +55,7 @@ def save_atomic(state, out):
     """torch.save `state` to `out` through a temporary file: a crash never leaves half a file there."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    temporary = temporary_path(out)
     torch.save(state, temporary)
     os.replace(temporary, out)
 
