@@ -11,11 +11,14 @@ from pathlib import Path
 import yaml
 
 from pretrain.errors import UserError
-from pretrain.views import (ViewConfig, byol_recipe, cmae_recipe, conmim_recipe, mae_recipe, simclr_recipe,
-                            simmim_recipe, simsiam_recipe)
+from pretrain.views import (INTERPOLATIONS, ViewConfig, byol_recipe, cmae_recipe, conmim_recipe, mae_recipe,
+                            simclr_recipe, simmim_recipe, simsiam_recipe)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
-METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune")
+METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune",
+           "linprobe")
+OPTIMIZERS = ("adamw", "lars", "sgd")  # see pretrain.optimizers
+LINPROBE_PROTOCOLS = ("mae", "mocov3")
 GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAY_EXEMPTIONS = ("none", "1d", "1d_tokens")  # see pretrain.param_groups.uses_weight_decay
@@ -160,16 +163,35 @@ class ConMIMConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Supervised fine-tuning (method: finetune, lg-eval finetune): the starting weights are graft.init."""
+    """Supervised training on the labels of data.train: fine-tuning (method: finetune, lg-eval finetune)
+    and linear probing (method: linprobe, lg-eval linear --protocol mae|mocov3). The starting weights
+    are graft.init."""
 
-    val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_finetune.json); empty: none
+    val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_<method>.json); empty: none
+    eval_every: float = 0.0  # epochs between measurements on val during training (best and last kept); 0: the end only
+    keep_best: bool = True  # with eval_every: write the best measured weights to RUN_DIR/classifier_best.pth
     num_classes: int = 0  # 0: as many as data.train's manifest lists
     pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
     label_smoothing: float = 0.1
     min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
+    interpolation: str = "bicubic"  # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
     flip: bool = True  # ... horizontal flips ...
-    rand_augment: int = 9  # ... and RandAugment of this magnitude (0: off)
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # ... timm's RandAugment of this spec (empty: off) ...
+    random_erasing: float = 0.0  # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
+    mixup: float = 0.0  # ... and timm's Mixup: mixup alpha (MAE: 0.8; 0: off) ...
+    cutmix: float = 0.0  # ... cutmix alpha (MAE: 1.0; 0: off) ...
+    mix_switch_prob: float = 0.5  # ... the chance of cutmix rather than mixup when both are on
+    ema_decay: float = 0.0  # model EMA of the weights (timm's ModelEmaV3), measured beside them; 0: off
     allow_partial: bool = False  # score val even when fewer images could be read than its manifest lists
+
+
+@dataclass
+class LinprobeConfig:
+    """Linear probing on a frozen encoder (method: linprobe); its data, val and pool are the `finetune`
+    section's. `protocol` names whose head: mae (main_linprobe.py: BatchNorm without affine, then the
+    linear layer) or mocov3 (main_lincls.py: the linear layer alone). The optimizer is optim.optimizer."""
+
+    protocol: str = "mae"
 
 
 @dataclass
@@ -185,6 +207,8 @@ class OptimConfig:
     # Parameters without weight decay: none | 1d (biases, norms) | 1d_tokens (and position embeddings,
     # class / mask tokens); empty: the method's official recipe (MoCo v3 none, MAE 1d, fine-tuning 1d_tokens).
     decay_exempt: str = ""
+    optimizer: str = "adamw"  # adamw (betas) | lars (timm's, MAE's linear probe) | sgd (MoCo v3's linear probe)
+    momentum: float = 0.9  # lars and sgd
 
 
 @dataclass
@@ -233,6 +257,7 @@ class Config:
     cmae: CMAEConfig = field(default_factory=CMAEConfig)
     conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     graft: GraftConfig = field(default_factory=GraftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -266,8 +291,22 @@ class Config:
             (min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
              "simclr.temperature", "positive (cmae.temperature and conmim.temperature too)"),
             (self.finetune.pool in ("mean", "token"), "finetune.pool", "mean or token"),
-            (0 < self.finetune.min_scale <= 1 and 0 <= self.finetune.rand_augment <= 30, "finetune.min_scale",
-             "in (0, 1] (rand_augment in 0-30)"),
+            (0 < self.finetune.min_scale <= 1, "finetune.min_scale", "in (0, 1]"),
+            (self.finetune.interpolation in INTERPOLATIONS, "finetune.interpolation",
+             f"one of {', '.join(INTERPOLATIONS)}"),
+            (self.finetune.rand_augment == "" or self.finetune.rand_augment.startswith("rand"),
+             "finetune.rand_augment", "empty (off) or a timm RandAugment spec such as rand-m9-mstd0.5-inc1"),
+            (0 <= self.finetune.random_erasing <= 1 and 0 <= self.finetune.mix_switch_prob <= 1,
+             "finetune.random_erasing", "in [0, 1] (mix_switch_prob too)"),
+            (self.finetune.mixup >= 0 and self.finetune.cutmix >= 0, "finetune.mixup", ">= 0 (cutmix too)"),
+            ((self.finetune.mixup == 0 and self.finetune.cutmix == 0) or self.deepspeed.micro_batch_size % 2 == 0,
+             "deepspeed.micro_batch_size", "even with finetune.mixup or cutmix (timm's Mixup pairs image i with "
+             "image n-1-i)"),
+            (0 <= self.finetune.ema_decay < 1 and self.finetune.eval_every >= 0, "finetune.ema_decay",
+             "in [0, 1) (finetune.eval_every >= 0)"),
+            (self.linprobe.protocol in LINPROBE_PROTOCOLS, "linprobe.protocol", f"one of {', '.join(LINPROBE_PROTOCOLS)}"),
+            (self.optim.optimizer in OPTIMIZERS, "optim.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (0 <= self.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
             (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
              "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),

@@ -3,16 +3,18 @@
 One optimizer step = `grad_accum` micro-batches per rank. Everything random in a step (masking, drop
 path) is seeded from (seed, rank, step), and the loader's batches are a function of (seed, epoch, rank,
 step), so a run resumed from a checkpoint continues exactly as it would have without the interruption.
-The optimizer is torch's AdamW (DeepSpeed's fused/CPU Adam differ by ~1e-6 after a resume) and the
-schedule a client LambdaLR, which keeps each group's lr_scale (DeepSpeed's WarmupLR sets every group
+The optimizer is a client one (pretrain.optimizers: torch's AdamW by default; DeepSpeed's fused/CPU Adam
+differ by ~1e-6 after a resume) and the schedule a client LambdaLR, which keeps each group's lr_scale (DeepSpeed's WarmupLR sets every group
 to one learning rate).
 """
 import json
 import logging
+import random
 import signal
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
@@ -28,9 +30,11 @@ from pretrain.grad_conflict import plot_cosines
 from pretrain.knn_monitor import KNNMonitor
 from pretrain.methods import build_objective
 from pretrain.monitor import Monitor, memory_bytes
+from pretrain.optimizers import make_optimizer
 from pretrain.param_groups import format_param_groups, layer_span, objective_param_groups
 from pretrain.run_lock import lock_run_dir
 from pretrain.schedules import cosine_lr_factor
+from pretrain.validation import ValMonitor
 from pretrain.views import normalize
 
 log = logging.getLogger("lg-pretrain")
@@ -47,7 +51,7 @@ RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.
                      "run.knn_every", "run.knn_pool", "data.knn_train", "data.knn_val", "data.knn_per_class",
                      "run.collective_timeout", "run.resume_tag", "run.skip_batches", "run.lr_factor",
                      "run.loss_spike", "run.grad_norm_spike", "data.max_bad_shards", "data.verify_shards",
-                     "finetune.allow_partial")
+                     "finetune.allow_partial", "finetune.eval_every", "finetune.keep_best")
 # Where things are, not what they hold: a run directory, data set or DeepSpeed file may move. What they
 # hold is compared instead: the data's shards (SHA-256 and sample counts), the effective DeepSpeed config.
 # graft.init's weights are read again on resume (the L1 pull's anchor), not compared.
@@ -86,6 +90,16 @@ def deepspeed_config(config, world):
     if d.precision == "bf16" and stage == 0:
         raise UserError("bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
                         "from fp32; use ds_configs/zero1.json or higher for bf16")
+    if config.optim.optimizer == "lars" and stage > 0:
+        raise UserError(f"optim.optimizer=lars needs whole parameters (its trust ratio is per parameter, and ZeRO "
+                        f"stage {stage} flattens each group into one tensor per rank); use ds_configs/zero0.json")
+    if config.finetune.ema_decay and stage == 3 and config.method == "finetune":
+        raise UserError("finetune.ema_decay needs whole parameters on every rank; use ZeRO stage <= 2 with it")
+    if config.method == "linprobe" and d.precision != "fp32":
+        raise UserError(f"method linprobe keeps the frozen encoder's weights as they are, which deepspeed.precision="
+                        f"{d.precision} would round; use fp32 (on CUDA the encoder runs under bf16 autocast)")
+    if config.optim.optimizer != "adamw" and stage > 0:
+        ds["zero_allow_untested_optimizer"] = True  # SGD is elementwise: ZeRO's partitions change nothing
     ds.update(train_micro_batch_size_per_gpu=d.micro_batch_size, gradient_accumulation_steps=d.grad_accum,
               train_batch_size=d.micro_batch_size * d.grad_accum * world, gradient_clipping=config.optim.clip_grad,
               steps_per_print=10 ** 12, wall_clock_breakdown=False)
@@ -138,6 +152,14 @@ def _flatten(tree, prefix=""):
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def seed_step(seed):
+    """Seed every generator a step may draw from: torch's (masks, drop path, erasing's noise), and
+    Python's and NumPy's (timm's Mixup and RandomErasing draw their parameters there)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
 
 
 def match_batchnorm_statistics(module, dtype):
@@ -211,10 +233,9 @@ def _train_locked(config, stop):
     layers_of_scale = {}  # TensorBoard logs one learning rate per lr_scale, named by its layers
     for g in groups:
         layers_of_scale.setdefault(g["lr_scale"], set()).update(g["layer_ids"])
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"], "lr_scale": g["lr_scale"],
-          "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]]))} for g in groups],
-        lr=lr, betas=tuple(config.optim.betas))
+    optimizer = make_optimizer([{"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"],
+                                 "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]]))} for g in groups],
+                               lr, config.optim)
 
     manifest = Manifest.load(config.data.train)
     steps_per_epoch = max(1, manifest.num_samples // global_batch)
@@ -278,7 +299,8 @@ def _train_locked(config, stop):
                       {"graft/probe_cosines": plot_cosines(cosines, split=auto_curve["split"])})
 
     def save(step):
-        client_state = {**state, "step": step, "objective": objective.extra_state(), "divergence": watch.state_dict()}
+        client_state = {**state, "step": step, "objective": objective.extra_state(), "divergence": watch.state_dict(),
+                        "val": val.state_dict() if val else {}}
         run_state = {"step": step, "world_size": world, "steps_per_epoch": steps_per_epoch, "config": to_dict(config),
                      "data": data_fingerprint(manifest), "ds_config": ds_config}
         tag = checkpoint.save(engine, ckpt_dir, step, client_state, run_state, config.run.keep_last)
@@ -297,6 +319,11 @@ def _train_locked(config, stop):
             "(run.skip_batches=N) and/or at a lower learning rate (run.lr_factor=0.5)")
 
     knn = KNNMonitor(config, objective.encoder, device, d.micro_batch_size) if config.run.knn_every else None
+    val = ValMonitor(config, objective, device) if objective.uses_labels and config.finetune.val \
+        and config.finetune.eval_every else None
+    val_every = max(1, round(config.finetune.eval_every * steps_per_epoch))
+    if val and tag:
+        val.load_state_dict(saved.get("val", {}))
 
     def measure_knn(step):
         top1 = knn.measure()
@@ -320,9 +347,9 @@ def _train_locked(config, stop):
                 images = [normalize(v, device).to(dtype) for v in images] if isinstance(images, list) \
                     else normalize(images, device).to(dtype)
                 if micro == 0 and config.run.diagnostics_every and step % config.run.diagnostics_every == 0:
-                    torch.manual_seed(mix_seed(config.run.seed, rank(), step, -1))
+                    seed_step(mix_seed(config.run.seed, rank(), step, -1))
                     monitor.extra(step, *objective.diagnostics(images))
-                torch.manual_seed(mix_seed(config.run.seed, rank(), step, micro))
+                seed_step(mix_seed(config.run.seed, rank(), step, micro))
                 outputs = engine(images, batch["labels"].to(device)) if objective.uses_labels else engine(images)
                 # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
                 # so that every rank takes the same decision at the same step.
@@ -364,6 +391,10 @@ def _train_locked(config, stop):
                 sums = {}
             if knn and step % config.run.knn_every == 0:
                 measure_knn(step)
+            if val and (step % val_every == 0 or step == total_steps):
+                record = val.measure(step, step / steps_per_epoch)
+                if is_main:
+                    monitor.extra(step, {f"eval/val_{k}": v for k, v in record.items() if k.startswith("top1")}, {})
             if config.run.image_every and step % config.run.image_every == 0:
                 monitor.images(step, "reconstruction", objective.images_to_log(images))
             stopped_by = (stop.reason() or signal.SIGTERM) if status["stop_signal"] > 0 else 0

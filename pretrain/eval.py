@@ -1,8 +1,9 @@
-"""lg-eval: evaluation of a pretrained encoder on the sharded splits: weighted kNN and a linear probe on
+"""lg-eval: evaluation of a pretrained encoder on the sharded splits: weighted kNN and linear probes on
 frozen features, and full fine-tuning.
 
     lg-eval knn      ENCODER --train TRAIN.json --val VAL.json [--pool token|mean] [--layer i]
     lg-eval linear   ENCODER --train TRAIN.json --val VAL.json [--fraction 0.01] [--epochs 300]
+    lg-eval linear   ENCODER --train TRAIN.json --val VAL.json --protocol mae|mocov3 [--config C] [key=value ...]
     lg-eval finetune ENCODER --train TRAIN.json --val VAL.json [--config configs/finetune_vit_b.yaml] [key=value ...]
 
 ENCODER: a run directory, an lg-export .pth (its .json beside it says the architecture), or a release
@@ -15,13 +16,17 @@ JSON result (--out, default beside the encoder), and the accuracy as a TensorBoa
   token (`pool="token"`) and/or mean patch token (`pool="mean"`) of any blocks.
 * `knn_accuracy` (pretrain.knn): weighted kNN as in InstDisc / DINO: cosine similarity, k = 20
   neighbours voting with exp(sim / 0.07).
-* `linear_probe_accuracy`: MAE's linear probe on frozen features: BatchNorm without affine parameters,
-  then a linear layer; trained full-batch with AdamW here (features fit in memory at toy scale).
-* finetune: a training run of `method: finetune` (pretrain/methods/finetune.py) by the pretraining
-  engine, so DeepSpeed, checkpoints, resumption and launchers are the same; run it under torchrun for
-  several processes, or as `lg-submit --config configs/finetune_vit_b.yaml graft.init=... finetune.val=...`
-  on Slurm. `finetune_result` then measures the last checkpoint on the val split (every rank its share
-  of the shards) and writes RUN_DIR/eval_finetune.json, RUN_DIR/classifier.pth and `eval/finetune_top1`.
+* `linear_probe_accuracy` (linear --protocol cached, the default): MAE's probe head on cached, un-augmented
+  features (BatchNorm without affine parameters, then a linear layer), trained full-batch with AdamW:
+  fast and a good monitor, not the papers' protocol.
+* linear --protocol mae|mocov3 and finetune: training runs of `method: linprobe` (MAE's main_linprobe /
+  MoCo v3's main_lincls; pretrain/methods/linprobe.py) and `method: finetune` (MAE's main_finetune;
+  pretrain/methods/finetune.py) by the pretraining engine, so DeepSpeed, checkpoints, resumption and
+  launchers are the same; run them under torchrun for several processes, or as `lg-submit --config
+  configs/linprobe_mae_vit_b.yaml graft.init=... finetune.val=...` on Slurm. `supervised_result` then
+  measures the last checkpoint on the val split (every rank its share of the shards) and writes
+  RUN_DIR/eval_<method>.json (with the best of the measurements every finetune.eval_every epochs),
+  RUN_DIR/classifier.pth and `eval/<method>_top1`.
 """
 import argparse
 import json
@@ -127,32 +132,39 @@ def frozen_scores(encoder, train_manifest, val_manifest, img_size, pools=("token
     return scores
 
 
-def finetune_result(config, step):
-    """Top-1 of fine-tuning run `config` (its latest checkpoint) on finetune.val, as a result dict.
+def supervised_result(config, step):
+    """Top-1 of a fine-tuning or linear-probe run `config` (its latest checkpoint) on finetune.val, as a
+    result dict, with the best of its periodic measurements (finetune.eval_every) when there were any.
 
     Rank 0 consolidates the checkpoint into RUN_DIR/classifier.pth, a float32 timm state_dict that
-    `timm.create_model(**classifier.json["timm"])` loads strictly; every rank then classifies its share of the val shards and the counts are summed. Rank 0
-    writes RUN_DIR/eval_finetune.json and `eval/finetune_top1` to the run's TensorBoard log.
+    `timm.create_model(**classifier.json["timm"])` loads strictly (a linear probe's BatchNorm folded into
+    its head); every rank then classifies its share of the val shards and the counts are summed. A linear
+    probe's frozen weights are compared with graft.init's (`frozen_unchanged`; an error if they moved).
+    Rank 0 writes RUN_DIR/eval_<method>.json and `eval/<method>_top1` to the run's TensorBoard log.
     """
+    import timm
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from data_prep.manifest import Manifest
     from pretrain import checkpoint
-    from pretrain.distributed import is_distributed, rank, world_size
+    from pretrain.distributed import is_distributed, rank
     from pretrain.export import consolidated_state_dict, save_atomic
-    import timm
-
+    from pretrain.methods import OBJECTIVES, build_objective
     from pretrain.methods.finetune import num_classes_of
     from pretrain.models import classifier_kwargs
+    from pretrain.validation import top1_counts
 
-    run_dir = Path(config.run.dir)
+    run_dir, method = Path(config.run.dir), config.method
     weights = run_dir / "classifier.pth"
     kwargs = classifier_kwargs(config.model.arch, config.data.img_size, config.model.patch, num_classes_of(config),
                                config.finetune.pool)
+    frozen_unchanged = None
     if rank() == 0:
         state = consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt"))
-        save_atomic({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}, weights)
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if method == "linprobe":
+            frozen_unchanged = frozen_weights_unchanged(state, build_objective(config).encoder.state_dict())
+        save_atomic(OBJECTIVES[method].classifier_state(state), weights)
         weights.with_suffix(".json").write_text(json.dumps({"timm": kwargs}, indent=1) + "\n")
     if is_distributed():
         dist.barrier()
@@ -162,33 +174,37 @@ def finetune_result(config, step):
     model.to(device).eval()
 
     manifest = Manifest.load(config.finetune.val)
-    readers = min(world_size(), len(manifest.shards))  # a rank without a shard only adds zeros
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
-    if rank() < readers:
-        loader = make_loader(manifest, config.deepspeed.micro_batch_size, view="eval", img_size=config.data.img_size,
-                             mode="epoch", num_workers=min(config.data.num_workers, len(manifest.shards) // readers),
-                             rank=rank(), world_size=readers)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                  enabled=device.type == "cuda" and config.deepspeed.precision != "fp32")
-        for batch in tqdm(loader.epoch(0), total=loader.num_batches(0), desc="val", unit="batch", disable=rank() > 0):
-            with autocast:
-                logits = model(normalize(batch["images"], device))
-                counts[0] += int((logits.argmax(dim=1) == batch["labels"].to(device)).sum())
-            counts[1] += len(batch["labels"])
-    if is_distributed():
-        dist.all_reduce(counts)
-    if int(counts[1]) < manifest.num_samples and not config.finetune.allow_partial:
-        raise UserError(f"finetune.val {config.finetune.val}: {int(counts[1])} of the {manifest.num_samples} images "
+    correct, seen = top1_counts([model], manifest, config.deepspeed.micro_batch_size, config.data.img_size,
+                                config.data.num_workers, device, bf16=config.deepspeed.precision != "fp32")
+    if int(seen) < manifest.num_samples and not config.finetune.allow_partial:
+        raise UserError(f"finetune.val {config.finetune.val}: {int(seen)} of the {manifest.num_samples} images "
                         "the manifest lists could be read (see the warnings above); the checkpoint stays — set "
                         "finetune.allow_partial=true (lg-eval: --allow-partial) to score the rest")
-    result = {"protocol": "finetune", "encoder": config.graft.init, "run_dir": str(run_dir), "arch": config.model.arch,
-              "pool": config.finetune.pool, "layer": "last", "top1": round(100 * float(counts[0] / counts[1]), 2),
-              "val_samples": int(counts[1]), "steps": step, "classifier": str(weights),
-              "partial": int(counts[1]) < manifest.num_samples}
+    history_file = run_dir / "val_history.json"
+    history = json.loads(history_file.read_text()) if config.finetune.eval_every and history_file.is_file() else []
+    best = max(history, key=lambda r: max(r["top1"], r.get("top1_ema", -1)), default=None)
+    result = {"protocol": config.linprobe.protocol if method == "linprobe" else "finetune", "method": method,
+              "encoder": config.graft.init, "run_dir": str(run_dir), "arch": config.model.arch,
+              "pool": config.finetune.pool, "layer": "last", "top1": round(100 * correct / seen, 2),
+              "best": best, "history": history, "val_samples": int(seen), "steps": step, "classifier": str(weights),
+              "classifier_best": str(run_dir / "classifier_best.pth") if best and config.finetune.keep_best else None,
+              "train_subset": Manifest.load(config.data.train).subset or None,
+              "frozen_unchanged": frozen_unchanged, "partial": int(seen) < manifest.num_samples}
     if rank() == 0:
-        (run_dir / "eval_finetune.json").write_text(json.dumps(result, indent=1) + "\n")
-        write_scalar(run_dir / "tb", "eval/finetune_top1", result["top1"], step)
+        (run_dir / f"eval_{method}.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_scalar(run_dir / "tb", f"eval/{method}_top1", result["top1"], step)
     return result
+
+
+def frozen_weights_unchanged(trained, start):
+    """True when every weight and statistic but the head's is bit-identical to the start's; an error
+    naming the first that is not (MoCo v3's main_lincls sanity check)."""
+    for key, value in start.items():
+        if key.startswith("head."):
+            continue
+        if not torch.equal(trained[key].float(), value.float()):
+            raise RuntimeError(f"the frozen weight {key} changed during linear probing: a bug, please report it")
+    return True
 
 
 def write_scalar(log_dir, tag, value, step=0):
@@ -219,7 +235,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="lg-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("protocol", choices=["knn", "linear", "finetune"])
     parser.add_argument("encoder", type=Path, help="run directory, lg-export .pth or release checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="finetune: run config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="finetune, linear --protocol mae|mocov3: "
+                        "run config overrides")
+    parser.add_argument("--protocol", dest="linear_protocol", choices=["cached", "mae", "mocov3"], default="cached",
+                        help="linear: cached (a full-batch fit on cached features, fast; the default), or MAE's / "
+                        "MoCo v3's protocol trained by the engine on augmented images")
     parser.add_argument("--train", type=Path, required=True, help="train manifest written by lg-shard")
     parser.add_argument("--val", type=Path, required=True, help="val manifest written by lg-shard")
     parser.add_argument("--pool", choices=["token", "mean"], help="class token or mean patch token (default: "
@@ -230,10 +250,10 @@ def parse_args(argv):
     parser.add_argument("--fraction", type=float, default=1.0, help="linear: labelled fraction per class (0.01 = 1 %%)")
     parser.add_argument("--epochs", type=int, default=300, help="linear: full-batch epochs")
     parser.add_argument("--lr", type=float, default=1e-2, help="linear: AdamW learning rate")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "finetune_vit_b.yaml",
-                        help="finetune: run config (default configs/finetune_vit_b.yaml)")
-    parser.add_argument("--run-dir", type=Path, help="finetune: run directory (default: ENCODER/finetune for a run, "
-                        "else beside the file)")
+    parser.add_argument("--config", type=Path, help="finetune / linear --protocol mae|mocov3: run config (default "
+                        "configs/finetune_vit_b.yaml, configs/linprobe_PROTOCOL_vit_b.yaml)")
+    parser.add_argument("--run-dir", type=Path, help="finetune / linear --protocol mae|mocov3: run directory "
+                        "(default: ENCODER/finetune or ENCODER/linprobe_PROTOCOL for a run, else beside the file)")
     parser.add_argument("--arch", choices=sorted(TIMM_NAMES))
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int)
@@ -245,37 +265,56 @@ def parse_args(argv):
     parser.add_argument("--allow-partial", action="store_true", help="score the images that could be read when "
                         "a split has fewer than its manifest lists (stated in the JSON); an error otherwise")
     args = parser.parse_intermixed_args(argv)
-    if args.overrides and args.protocol != "finetune":
-        parser.error(f"key=value overrides ({args.overrides[0]}) are for finetune only")
+    engine = args.protocol == "finetune" or (args.protocol == "linear" and args.linear_protocol != "cached")
+    if args.overrides and not engine:
+        parser.error(f"key=value overrides ({args.overrides[0]}) are for finetune and linear --protocol mae|mocov3")
+    if args.linear_protocol != "cached" and args.protocol != "linear":
+        parser.error("--protocol is linear's")
+    if engine and args.fraction != 1:
+        parser.error("--fraction is the cached probe's; for the engine protocols shard a label subset "
+                     "(lg-shard --subset-file / --subset-fraction) and give it as --train")
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction {args.fraction}: must be in (0, 1] (0.01 = 1 %% of the labels)")
     return args
 
 
-def finetune(args, arch, img_size, patch_size):
-    """lg-eval finetune: train a `method: finetune` run from the encoder, then measure it on --val."""
+def default_config(args):
+    """The run config of an engine protocol: --config, or the shipped ViT-B one for it."""
+    if args.config:
+        return args.config
+    name = "finetune_vit_b.yaml" if args.protocol == "finetune" else f"linprobe_{args.linear_protocol}_vit_b.yaml"
+    return REPO / "configs" / name
+
+
+def train_protocol(args, arch, img_size, patch_size):
+    """lg-eval finetune / linear --protocol mae|mocov3: train a `method: finetune` / `linprobe` run from the
+    encoder by the pretraining engine, then measure it on --val."""
     from pretrain.distributed import rank
     from pretrain.train import run
 
-    source = args.encoder
-    run_dir = args.run_dir or (source / "finetune" if source.is_dir() else source.with_name(f"{source.stem}_finetune"))
-    settings = ["method=finetune", f"graft.init={source.resolve()}", f"data.train={args.train}",
-                f"finetune.val={args.val}", f"model.arch={arch}", f"data.img_size={img_size}",
-                f"model.patch_size={patch_size}", f"run.dir={run_dir}"]
+    source, linear = args.encoder, args.protocol == "linear"
+    name = f"linprobe_{args.linear_protocol}" if linear else "finetune"
+    run_dir = args.run_dir or (source / name if source.is_dir() else source.with_name(f"{source.stem}_{name}"))
+    settings = [f"method={'linprobe' if linear else 'finetune'}", f"graft.init={source.resolve()}",
+                f"data.train={args.train}", f"finetune.val={args.val}", f"model.arch={arch}",
+                f"data.img_size={img_size}", f"model.patch_size={patch_size}", f"run.dir={run_dir}"]
+    if linear:
+        settings.append(f"linprobe.protocol={args.linear_protocol}")
     if args.pool:
         settings.append(f"finetune.pool={args.pool}")
     if args.allow_partial:
         settings.append("finetune.allow_partial=true")
-    if args.out:
-        check_writable(args.out, "--out")
-    config = load_config(args.config, settings + args.overrides)  # a run.dir=... override wins
+    for path, what in ((args.out, "--out"), (args.tb / "probe" if args.tb else None, "--tb")):
+        if path is not None:
+            check_writable(path, what)
+    config = load_config(default_config(args), settings + args.overrides)  # a run.dir=... override wins
     code = run(config)
     if code == 0 and rank() == 0:
-        result = json.loads((Path(config.run.dir) / "eval_finetune.json").read_text())
+        result = json.loads((Path(config.run.dir) / f"eval_{config.method}.json").read_text())
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
         if args.tb:
-            write_scalar(args.tb, "eval/finetune_top1", result["top1"])
+            write_scalar(args.tb, f"eval/{config.method}_top1", result["top1"])
         print(json.dumps(result))
     return code
 
@@ -304,8 +343,8 @@ def main(argv=None):
     args.train = check_manifest(args.train, "--train", "train")
     args.val = check_manifest(args.val, "--val", "val")
     arch, img_size, patch_size = architecture(args.encoder, args)
-    if args.protocol == "finetune":
-        return finetune(args, arch, img_size, patch_size)
+    if args.protocol == "finetune" or (args.protocol == "linear" and args.linear_protocol != "cached"):
+        return train_protocol(args, arch, img_size, patch_size)
     args.pool = args.pool or "token"
     layer = "last" if args.layer < 0 else f"block_{args.layer:02d}"
     out = result_path(args, layer)

@@ -3,8 +3,8 @@
     lg-pretrain --config configs/demo.yaml [key=value ...] [--print-param-groups]
 
 Runs alike as one process (`python -m pretrain.train`), under `torchrun` / `deepspeed` launchers and in
-Slurm tasks. With `method: finetune` and finetune.val set, the last checkpoint is then measured on
-that split (pretrain.eval.finetune_result). Re-running the same command resumes from RUN_DIR/ckpt/latest.
+Slurm tasks. With `method: finetune` or `linprobe` and finetune.val set, the last checkpoint is then
+measured on that split (pretrain.eval.supervised_result). Re-running the same command resumes from RUN_DIR/ckpt/latest.
 Exit codes: 0 done, 2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after
 saving a checkpoint.
 """
@@ -20,6 +20,7 @@ from pretrain.config import load_config
 from pretrain.errors import UserError, cli_entry
 
 log = logging.getLogger("lg-pretrain")
+SUPERVISED = ("finetune", "linprobe")  # methods measured on finetune.val at the end
 
 
 def parse_args(argv):
@@ -71,13 +72,14 @@ def run(config):
         return 3
     if signum:
         return 128 + signum
-    if config.method == "finetune" and config.finetune.val:
-        from pretrain.eval import finetune_result
+    if config.method in SUPERVISED and config.finetune.val:
+        from pretrain.eval import supervised_result
 
-        result = finetune_result(config, step)
+        result = supervised_result(config, step)
         if rank() == 0:
-            log.info("fine-tuned top-1 on %s: %.2f %% (%s)", config.finetune.val, result["top1"],
-                     Path(config.run.dir) / "eval_finetune.json")
+            best = f", best {result['best']['top1']:.2f} % at step {result['best']['step']}" if result["best"] else ""
+            log.info("%s top-1 on %s: %.2f %%%s (%s)", config.method, config.finetune.val, result["top1"], best,
+                     Path(config.run.dir) / f"eval_{config.method}.json")
     return 0
 
 

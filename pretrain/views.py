@@ -9,6 +9,7 @@ per sample. See BENCHMARKS.md for the numbers.
 """
 import dataclasses
 import io
+import random
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import v2
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (which needs FFmpeg); they are
@@ -56,14 +59,34 @@ def eval_view(img_size):
     ])
 
 
-def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment=9):
-    """MAE's fine-tuning augmentation without mixing: random resized crop (min_scale-100 %, bicubic),
-    horizontal flip and RandAugment (2 operations of magnitude `rand_augment`, timm's rand-m9 as
-    torchvision implements it; 0 turns it off)."""
-    steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True)]
+def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"):
+    """The per-image part of MAE's fine-tuning augmentation (its mixing and erasing act on the batch, in
+    pretrain/methods/finetune.py): random resized crop (min_scale-100 %), horizontal flip and timm's
+    RandAugment of spec `rand_augment` with MAE's hparams (empty: off). Also the linear probes' view,
+    with RandAugment off."""
+    steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation],
+                                  antialias=True)]
     steps += [v2.RandomHorizontalFlip()] if flip else []
-    steps += [v2.RandAugment(num_ops=2, magnitude=rand_augment)] if rand_augment else []
+    steps += [TimmRandAugment(rand_augment, img_size, interpolation)] if rand_augment else []
     return v2.Compose(steps)
+
+
+class TimmRandAugment:
+    """timm's rand_augment_transform (what MAE's create_transform builds from `auto_augment`) on a uint8
+    CHW tensor. timm draws from Python's and NumPy's generators; both are seeded here from torch's, which
+    the loader seeds per sample, so a view stays a function of (seed, epoch, rank, batch, position)."""
+
+    def __init__(self, spec, img_size, interpolation="bicubic"):
+        hparams = dict(translate_const=int(img_size * 0.45), interpolation=str_to_pil_interp(interpolation),
+                       img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN))
+        self.augment = rand_augment_transform(spec, hparams)
+
+    def __call__(self, image):
+        seed = int(torch.randint(2 ** 62, ()))
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        pil = v2.functional.to_pil_image(image)
+        return v2.functional.pil_to_tensor(self.augment(pil))
 
 
 @dataclass

@@ -6,13 +6,14 @@ import pytest
 import timm
 import torch
 from timm.layers import DropPath
+from torchvision.transforms import InterpolationMode
 
 from pretrain.config import load_config
 from pretrain.errors import UserError
 from pretrain.eval import knn_accuracy, linear_probe_accuracy, subset
 from pretrain.methods import build_objective
 from pretrain.methods.finetune import FineTune
-from pretrain.models import create_classifier, create_encoder
+from pretrain.models import create_encoder
 from pretrain.param_groups import objective_param_groups
 from pretrain.views import make_view
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
@@ -87,7 +88,7 @@ def test_subset_keeps_a_fraction_of_every_class():
 
 def test_finetune_objective_learns_separable_classes_with_label_smoothing():
     torch.manual_seed(0)
-    model = FineTune(create_classifier("vit_tiny", 16, 8, 2, "mean", drop_path=0.1), pool="mean")
+    model = FineTune(dict(arch="vit_tiny", img_size=16, patch_size=8, num_classes=2, pool="mean", drop_path=0.1))
     images = torch.randn(32, 3, 16, 16) * 0.1
     labels = torch.arange(32) % 2
     images[labels == 1] += 1.0  # class 1 is brighter
@@ -121,10 +122,11 @@ def test_finetune_augmentation_follows_the_config():
     mild = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"]))
     assert [type(t).__name__ for t in make_view(mild.view, 32).transforms] == ["RandomResizedCrop"]
     full = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", [
-        "finetune.num_classes=10", "finetune.flip=true", "finetune.rand_augment=9", "finetune.min_scale=0.08"]))
+        "finetune.num_classes=10", "finetune.flip=true", "finetune.rand_augment=rand-m9-mstd0.5-inc1",
+        "finetune.min_scale=0.08"]))
     transforms = make_view(full.view, 32).transforms
-    assert [type(t).__name__ for t in transforms] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
-    assert transforms[0].scale == (0.08, 1.0) and transforms[2].magnitude == 9
+    assert [type(t).__name__ for t in transforms] == ["RandomResizedCrop", "RandomHorizontalFlip", "TimmRandAugment"]
+    assert transforms[0].scale == (0.08, 1.0) and transforms[0].interpolation == InterpolationMode.BICUBIC
     with pytest.raises(UserError, match="finetune.pool"):
         load_config(None, ["finetune.pool=max"])
 

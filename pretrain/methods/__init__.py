@@ -1,4 +1,4 @@
-"""Self-supervised objectives, and supervised fine-tuning. Each is an `Objective` built from the config;
+"""Self-supervised objectives, and supervised fine-tuning and linear probing. Each is an `Objective` built from the config;
 the engine knows no method."""
 from pretrain.grafting import L1Pull, load_start_weights
 from pretrain.methods.base import Objective
@@ -7,6 +7,7 @@ from pretrain.methods.cmae import CMAE
 from pretrain.methods.conmim import ConMIM
 from pretrain.methods.finetune import FineTune
 from pretrain.methods.hybrid import Hybrid
+from pretrain.methods.linprobe import LinearProbe
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
 from pretrain.methods.simclr import SimCLR
@@ -16,7 +17,7 @@ from pretrain.param_groups import layer_id
 
 OBJECTIVES = {"mae": MAE, "mocov3": MoCoV3, "hybrid": Hybrid, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
               "simmim": SimMIM, "cmae": CMAE, "conmim": ConMIM,
-              "finetune": FineTune}
+              "finetune": FineTune, "linprobe": LinearProbe}
 
 
 def build_objective(config):

@@ -1,5 +1,5 @@
-"""Supervised fine-tuning of a pretrained encoder: the `finetune` protocol of lg-eval, trained by the
-same engine as pretraining (DeepSpeed, checkpoints, resume, Slurm).
+"""Supervised fine-tuning of a pretrained encoder, MAE's recipe (main_finetune.py): the `finetune`
+protocol of lg-eval, trained by the same engine as pretraining (DeepSpeed, checkpoints, resume, Slurm).
 
 The model is timm's VisionTransformer with a head (`pretrain.models.create_classifier`), so the result
 is a timm state_dict: `pool: mean` is timm's `global_pool="avg"`, which is MAE's global pool (the mean
@@ -8,14 +8,28 @@ after the final norm. The starting weights come through graft.init; the head and
 (the head at N(0, 2e-5)), and a pretrained `norm` is not used by the global-pool model, as in MAE's
 main_finetune. The whole model trains, the position embedding included, with stochastic depth
 (model.drop_path) and layer-wise lr decay (optim.layer_decay, applied by pretrain.param_groups like every
-other lr rule); the loss is cross-entropy with label smoothing. Augmentation: MAE's crop, flip and
-RandAugment, each adjustable (finetune.min_scale, flip, rand_augment: small or symmetric-sensitive
-images, such as the demo's digits, need milder ones).
+other lr rule).
+
+Augmentation and loss are the pieces MAE itself takes from timm, used here as they are:
+* per image, in the loader (pretrain.views.finetune_view): random resized crop, flip, timm's RandAugment
+  (finetune.rand_augment, MAE's rand-m9-mstd0.5-inc1);
+* per batch, here, on the normalized images: timm's RandomErasing (finetune.random_erasing, MAE 0.25,
+  per-pixel noise, one box), then timm's Mixup (finetune.mixup 0.8 / cutmix 1.0, switch 0.5, label
+  smoothing into the soft targets) with timm's SoftTargetCrossEntropy; without mixing, cross-entropy with
+  finetune.label_smoothing. timm draws them from Python's and NumPy's generators, which the engine seeds
+  per step, so a resumed run mixes as the uninterrupted one;
+* optionally an EMA of the weights (finetune.ema_decay, timm's ModelEmaV3), measured beside them.
+Small or symmetric-sensitive images, such as the demo's digits, need milder settings (its config says why).
 """
 import functools
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+
 from data_prep.manifest import Manifest
 from pretrain.errors import UserError
 from pretrain.methods.base import Objective
@@ -37,28 +51,84 @@ class FineTune(Objective):
     uses_labels = True
     fresh_weights = ("head.", "fc_norm.")  # not taken from graft.init: they start at their own init
 
-    def __init__(self, classifier, pool="mean", label_smoothing=0.1, augmentation=None):
+    def __init__(self, classifier_args, label_smoothing=0.1, augmentation=None, random_erasing=0.0, mixup=0.0,
+                 cutmix=0.0, mix_switch_prob=0.5, ema_decay=0.0):
         super().__init__()
         self.view = functools.partial(finetune_view, **(augmentation or {}))
-        self.encoder, self.pool, self.label_smoothing = classifier, pool, label_smoothing
+        self.classifier_args, self.label_smoothing = classifier_args, label_smoothing
+        self.encoder = self.make_classifier()
+        num_classes = classifier_args["num_classes"]
+        self.erase = RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu") if random_erasing else None
+        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=mix_switch_prob, mode="batch",
+                         label_smoothing=label_smoothing, num_classes=num_classes) if mixup or cutmix else None
+        self.ema_decay = ema_decay
+        self.__dict__["ema"] = None  # a timm ModelEmaV3 outside the module tree: not trained, not in the engine
 
     @classmethod
     def from_config(cls, config):
-        c = config.finetune
-        augmentation = dict(min_scale=c.min_scale, flip=c.flip, rand_augment=c.rand_augment)
-        m = config.model
-        classifier = create_classifier(m.arch, config.data.img_size, m.patch, num_classes_of(config), c.pool,
-                                       m.drop_path, m.grad_checkpointing)
-        return cls(classifier, c.pool, c.label_smoothing, augmentation)
+        c, m = config.finetune, config.model
+        classifier_args = dict(arch=m.arch, img_size=config.data.img_size, patch_size=m.patch,
+                               num_classes=num_classes_of(config), pool=c.pool, drop_path=m.drop_path,
+                               grad_checkpointing=m.grad_checkpointing)
+        augmentation = dict(min_scale=c.min_scale, flip=c.flip, rand_augment=c.rand_augment,
+                            interpolation=c.interpolation)
+        return cls(classifier_args, c.label_smoothing, augmentation, c.random_erasing, c.mixup, c.cutmix,
+                   c.mix_switch_prob, c.ema_decay)
+
+    def make_classifier(self):
+        """A new module of this model's structure (the model, and copies that measure its weights)."""
+        return create_classifier(**self.classifier_args)
+
+    @staticmethod
+    def classifier_state(state):
+        """The timm state_dict of the model's state (keys of `encoder`): it is one already."""
+        return dict(state)
 
     def logits(self, images):
         return self.encoder(images)
 
+    def augment(self, images, labels):
+        """(images, targets) after erasing and mixing: targets are class indices, or (N, classes)
+        distributions when mixing is on."""
+        if self.erase is not None:
+            self.erase.device = images.device
+            images = self.erase(images.clone())
+        if self.mix is not None:
+            images, labels = self.mix(images, labels)
+        return images, labels
+
     def forward(self, images, labels):
-        logits = self.logits(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        mixed, targets = self.augment(images, labels)
+        logits = self.logits(mixed)
+        if targets.dim() == 2:
+            loss = SoftTargetCrossEntropy()(logits.float(), targets)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return self.regularized({"loss": loss, "train_top1": accuracy})
+
+    def after_step(self, step, total_steps):
+        if not self.ema_decay:
+            return
+        if self.ema is None:  # from the weights after the first update (timm's starts one step earlier)
+            self.__dict__["ema"] = self._new_ema()
+        else:
+            self.ema.update(self.encoder)
+
+    def _new_ema(self, state=None):
+        """timm's ModelEmaV3 over a float32 copy of the model (ZeRO-1/2 hold whole parameters on every rank;
+        the engine refuses the EMA under ZeRO-3)."""
+        with torch.random.fork_rng(devices=[]):  # the copy's initialization must not move the training's RNG
+            copy = self.make_classifier()
+        copy.load_state_dict(state or {k: v.float() for k, v in self.encoder.state_dict().items()})
+        return ModelEmaV3(copy.to(next(self.encoder.parameters()).device), decay=self.ema_decay)
+
+    def extra_state(self):
+        return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def load_extra_state(self, state):
+        if state.get("ema") is not None:
+            self.__dict__["ema"] = self._new_ema(state["ema"])
 
     @torch.no_grad()
     def correct(self, images, labels):
