@@ -28,7 +28,7 @@ from pretrain.models import create_encoder
 REPO = Path(__file__).resolve().parents[1]
 ENCODERS = {"random init": None, "MAE": "mae", "MoCo v3": "mocov3", "MIM->CL": "graft"}
 PROTOCOLS = ("cached", "mae", "mocov3")
-CANDIDATE_LRS = {"mae": [1.0, 10.0, 100.0, 1000.0], "mocov3": [0.3, 3.0, 30.0]}
+CANDIDATE_LRS = {"mae": [3.0, 30.0, 300.0, 3000.0], "mocov3": [0.03, 0.3, 3.0, 30.0]}
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 

@@ -1,11 +1,11 @@
 """The training loop: a DeepSpeed engine around an `Objective`, fed by the WebDataset loader.
 
 One optimizer step = `grad_accum` micro-batches per rank. Everything random in a step (masking, drop
-path) is seeded from (seed, rank, step), and the loader's batches are a function of (seed, epoch, rank,
-step), so a run resumed from a checkpoint continues exactly as it would have without the interruption.
-The optimizer is a client one (pretrain.optimizers: torch's AdamW by default; DeepSpeed's fused/CPU Adam
-differ by ~1e-6 after a resume) and the schedule a client LambdaLR, which keeps each group's lr_scale (DeepSpeed's WarmupLR sets every group
-to one learning rate).
+path, mixing) is seeded from (seed, rank, step), and the loader's batches are a function of (seed,
+epoch, rank, step), so a run resumed from a checkpoint continues exactly as it would have without the
+interruption. The optimizer is a client one (pretrain.optimizers: torch's AdamW by default; DeepSpeed's
+fused/CPU Adam differ by ~1e-6 after a resume) and the schedule a client LambdaLR, which keeps each
+group's lr_scale (DeepSpeed's WarmupLR sets every group to one learning rate).
 """
 import json
 import logging

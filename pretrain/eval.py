@@ -163,7 +163,10 @@ def supervised_result(config, step):
         state = consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt"))
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         if method == "linprobe":
-            frozen_unchanged = frozen_weights_unchanged(state, build_objective(config).encoder.state_dict())
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.run.seed)  # as the engine built it (weights graft.init does not give)
+                start = build_objective(config).encoder.state_dict()
+            frozen_unchanged = frozen_weights_unchanged(state, start)
         save_atomic(OBJECTIVES[method].classifier_state(state), weights)
         weights.with_suffix(".json").write_text(json.dumps({"timm": kwargs}, indent=1) + "\n")
     if is_distributed():

@@ -50,7 +50,12 @@ def main(argv=None):
             auto_split.resolve(config, train=None)
         from pretrain.param_groups import format_param_groups, objective_param_groups
 
-        print(format_param_groups(objective_param_groups(build_objective(config), config)))
+        objective = build_objective(config)
+        print(format_param_groups(objective_param_groups(objective, config)))
+        frozen = sum(p.numel() for p in objective.parameters() if not p.requires_grad)
+        o = config.optim
+        print(f"optimizer {o.optimizer}" + (f" (betas {tuple(o.betas)})" if o.optimizer == "adamw" else
+                                            f" (momentum {o.momentum})") + f"; {frozen:,} parameters frozen")
         return 0
     return run(config)
 

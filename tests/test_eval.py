@@ -77,7 +77,9 @@ def test_lg_eval_errors_name_the_problem(demo_shards, tmp_path):
                         "--patch-size", "8", "--layer", "12")
     assert bad_layer.returncode == 2 and "blocks 0-11" in bad_layer.stderr
     stray = run_cli("pretrain.eval", "knn", release, *shards, "optim.base_lr=1")
-    assert stray.returncode == 2 and "for finetune only" in stray.stderr
+    assert stray.returncode == 2 and "are for finetune and linear --protocol mae|mocov3" in stray.stderr
+    cached_fraction = run_cli("pretrain.eval", "linear", release, *shards, "--protocol", "mae", "--fraction", "0.1")
+    assert cached_fraction.returncode == 2 and "lg-shard --subset-file" in cached_fraction.stderr
 
 
 def test_subset_keeps_a_fraction_of_every_class():

@@ -34,7 +34,7 @@ def batch(method, n=8):
     return images if views > 1 else images[0]
 
 
-@pytest.mark.parametrize("method", sorted(OBJECTIVES))
+@pytest.mark.parametrize("method", sorted(set(OBJECTIVES) - {"linprobe"}))  # a probe's encoder is frozen
 def test_every_method_gives_a_finite_loss_and_trains_its_encoder(method):
     objective = tiny(method)
     images = batch(method)

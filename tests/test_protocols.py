@@ -17,6 +17,7 @@ from pretrain.methods.finetune import FineTune
 from pretrain.methods.linprobe import LinearProbe
 from pretrain.optimizers import make_optimizer
 from pretrain.param_groups import objective_param_groups
+from pretrain.train import main as train_main
 from pretrain.views import TimmRandAugment, finetune_view
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
 from tests.test_eval import exported_encoder
@@ -149,7 +150,7 @@ def test_linear_probe_trains_the_head_alone_and_its_folded_head_is_a_timm_classi
     assert torch.allclose(model.eval()(images), probe.logits(images), atol=1e-5)
 
 
-def test_protocol_configs_carry_the_papers_values_and_refuse_what_breaks_them():
+def test_protocol_configs_carry_the_papers_values_and_refuse_what_breaks_them(capsys):
     mae = load_config(REPO / "configs" / "linprobe_mae_vit_b.yaml")
     d = mae.deepspeed
     assert (mae.optim.optimizer, mae.optim.base_lr, mae.optim.weight_decay, mae.optim.epochs, mae.optim.warmup_epochs,
@@ -173,6 +174,13 @@ def test_protocol_configs_carry_the_papers_values_and_refuse_what_breaks_them():
         assert c.deepspeed.micro_batch_size * c.deepspeed.grad_accum * 8 == 1024
     with pytest.raises(UserError, match="deepspeed.micro_batch_size"):
         load_config(REPO / "configs" / "finetune_vit_b.yaml", ["deepspeed.micro_batch_size=3"])
+    for name, optimizer, frozen in (("linprobe_mae_vit_l", "lars (momentum 0.9)", "303,301,632"),
+                                    ("linprobe_mocov3_vit_b", "sgd (momentum 0.9)", "85,798,656"),
+                                    ("finetune_graft_vit_b", "adamw (betas (0.9, 0.999))", "0")):
+        assert train_main(["--config", str(REPO / "configs" / f"{name}.yaml"), "--print-param-groups",
+                           "finetune.num_classes=1000"]) == 0
+        printed = capsys.readouterr().out
+        assert f"optimizer {optimizer}; {frozen} parameters frozen" in printed and "lr_scale" in printed
     with pytest.raises(UserError, match="optim.optimizer"):
         load_config(None, ["optim.optimizer=adam"])
     with pytest.raises(UserError, match="finetune.rand_augment"):

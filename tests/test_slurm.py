@@ -114,6 +114,31 @@ def test_preempted_job_is_requeued_and_ends_as_the_uninterrupted_one(uninterrupt
 
 
 @pytest.mark.slurm
+def test_a_linear_probe_runs_on_two_nodes_and_reports_its_frozen_encoder_unchanged(slurm_cluster, demo_shards,
+                                                                                  tmp_path):
+    """The papers' protocols run on Slurm through lg-submit like pretraining: MAE's linear probe (LARS,
+    ZeRO stage 0) on 2 nodes, measured at the end by both ranks."""
+    import json
+
+    from tests.test_eval import exported_encoder
+
+    encoder = exported_encoder(tmp_path / "encoder.pth")
+    run_dir = tmp_path / "probe"
+    result = run_cli("slurm.submit", "--config", REPO / "configs" / "linprobe_mae_demo.yaml", *JOB[:8],
+                     f"run.dir={run_dir}", f"data.train={demo_shards / 'train.json'}", "model.patch_size=8",
+                     f"finetune.val={demo_shards / 'val.json'}", f"graft.init={encoder}", "run.max_steps=4",
+                     "deepspeed.micro_batch_size=16", "data.num_workers=1", env={**os.environ, **TRAIN_ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = result.stdout.split("submitted job ")[1].split(":")[0]
+    wait_for(lambda: job_finished(job_id), 600, job_id, "the end")
+    assert (run_dir / "eval_linprobe.json").is_file(), rank0_log(run_dir, job_id)[-3000:]
+    reported = json.loads((run_dir / "eval_linprobe.json").read_text())
+    assert (reported["protocol"], reported["steps"], reported["val_samples"], reported["frozen_unchanged"]) == \
+        ("mae", 4, 359, True)
+    assert run_state(run_dir / "ckpt")["world_size"] == 2
+
+
+@pytest.mark.slurm
 def test_unknown_partition_names_the_known_ones(slurm_cluster, manifest, tmp_path):
     result = run_cli("slurm.submit", "--config", REPO / "configs" / "demo.yaml", *JOB, "--partition", "gpu-nope",
                      f"run.dir={tmp_path}", f"data.train={manifest}")
