@@ -28,7 +28,7 @@ from pretrain.models import create_encoder
 REPO = Path(__file__).resolve().parents[1]
 ENCODERS = {"random init": None, "MAE": "mae", "MoCo v3": "mocov3", "MIM->CL": "graft"}
 PROTOCOLS = ("cached", "mae", "mocov3")
-CANDIDATE_LRS = {"mae": [3.0, 30.0, 300.0, 3000.0], "mocov3": [0.03, 0.3, 3.0, 30.0]}
+CANDIDATE_LRS = {"mae": [3.0, 30.0, 300.0, 3000.0], "mocov3": [0.003, 0.03, 0.3, 3.0, 30.0]}
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
@@ -50,13 +50,15 @@ def probe(protocol, encoder, train, val, out_dir, *overrides):
     command = [sys.executable, "-m", "pretrain.eval", "linear", str(encoder), "--train", str(train), "--val", str(val),
                "--out", str(out)]
     if protocol != "cached":
-        command[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+        command[1:2] = ["-m", "pretrain.launch", "--standalone", "--nproc_per_node", "2", "-m"]
         command += ["--protocol", protocol, "--config", str(REPO / "configs" / f"linprobe_{protocol}_demo.yaml"),
                     f"run.dir={out_dir / 'run'}", *overrides]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
+    if result.returncode == 3:  # stopped by the divergence guard: a candidate lr too high, recorded as such
+        out.write_text(json.dumps({"top1": None, "diverged": result.stderr.split("stopped: ")[-1][:200]}))
+    elif result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     (out_dir / "seconds.json").write_text(json.dumps(seconds))
     return json.loads(out.read_text()), seconds
@@ -73,11 +75,12 @@ def tune(demo, workdir):
                 result, _ = probe(protocol, encoder, manifests["tune_train"], manifests["tune_val"],
                                   workdir / "tune" / f"{protocol}_lr{lr:g}_{ENCODERS[name]}", f"optim.base_lr={lr}")
                 scores.append(result["top1"])
-            rows[f"{protocol} base_lr {lr:g}"] = {"MAE": scores[0], "MoCo v3": scores[1],
-                                                 "mean": round(sum(scores) / 2, 2)}
-    print(f"\n{'candidate':<24}{'MAE':>8}{'MoCo v3':>9}{'mean':>8}   (top-1 % on the held-out train shards)")
+            mean = None if None in scores else round(sum(scores) / 2, 2)
+            rows[f"{protocol} base_lr {lr:g}"] = {"MAE": scores[0], "MoCo v3": scores[1], "mean": mean}
+    print(f"\n{'candidate':<24}{'MAE':>9}{'MoCo v3':>9}{'mean':>9}   (top-1 % on the held-out train shards)")
     for name, row in rows.items():
-        print(f"{name:<24}{row['MAE']:>8.2f}{row['MoCo v3']:>9.2f}{row['mean']:>8.2f}")
+        print(f"{name:<24}" + "".join(f"{row[k]:>9.2f}" if row[k] is not None else f"{'diverged':>9}"
+                                      for k in ("MAE", "MoCo v3", "mean")))
     return rows
 
 
