@@ -1,6 +1,7 @@
 """Loader throughput: our WebDataset loader vs the decode+augment ceiling vs torchvision ImageFolder.
 
     python -m bench.loader [--images 3000] [--workers 2] [--batch-size 64] [--repeats 3]
+    python -m bench.loader --resized [--max-sides 320 384 512] [--images 3000] [--repeats 3]
 
 All contenders read the same full-size JPEGs (bench/photos.py), from the page cache, with the MAE
 augmentation at 224 px (RandomResizedCrop(0.2-1, bicubic) + flip) and the same number of processes:
@@ -20,6 +21,12 @@ time to the first batch is reported beside it, as it is a fixed cost per epoch (
 1,000-sample shuffle buffer per worker first). The ceiling starts its processes before the clock.
 Prints a table and a JSON line; medians over the repeats, which are interleaved so that noise on the
 machine hits every contender alike.
+
+--resized: the same photographs sharded as they are and with `lg-shard --max-side N` for each N; per
+shard set, on one core (one process, one thread, the samples already in memory), decode + view img/s
+of the MAE view and MoCo v3 pairs/s (BYOL's two views), the bytes of the shards, and the PSNR of the
+views against those from the original shards with the same crop (drawn on the original, scaled to the
+resized image: the geometry of the view, its colour steps left out).
 """
 import argparse
 import json
@@ -31,12 +38,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 from torchvision import datasets
 from torchvision import transforms as T
 
 from bench.photos import cpu_count, make_photos, warm_page_cache
+from data_prep.manifest import Manifest
 from pretrain.data import make_loader
 from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, decode_image, make_view, normalize
 
@@ -111,6 +122,83 @@ RUNNERS = {
 }
 
 
+def shard_images(shards):
+    """{path: image bytes} of every sample of a manifest's shards, read into memory."""
+    manifest = Manifest.load(shards / "train.json")
+    return {json.loads(s["json"])["path"]: s["jpg"] for s in wds.tarfile_samples([{"url": u} for u in manifest.urls])}
+
+
+def per_core_rate(images, view_name):
+    """Images (or pairs) per second of decode + view on this one core."""
+    torch.set_num_threads(1)
+    view = make_view(view_name, IMG)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    for data in images:
+        view(decode_image(data))
+    return len(images) / (time.perf_counter() - started)
+
+
+def view_psnr(original, resized, scale, interpolation, seed=0):
+    """Mean PSNR (dB) of random resized crops of the resized images against the same crops of the originals."""
+    generator, values = torch.Generator().manual_seed(seed), []
+    mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[interpolation]
+    for path, data in original.items():
+        full, small = decode_image(data), decode_image(resized[path])
+        torch.manual_seed(int(torch.randint(2 ** 31, (), generator=generator)))
+        top, left, height, width = T.RandomResizedCrop.get_params(full, scale=scale, ratio=(3 / 4, 4 / 3))
+        sy, sx = small.shape[1] / full.shape[1], small.shape[2] / full.shape[2]
+        views = [v2.functional.resized_crop(image, round(t), round(l), max(1, round(h)), max(1, round(w)),
+                                            [IMG, IMG], interpolation=mode, antialias=True).double()
+                 for image, (t, l, h, w) in ((full, (top, left, height, width)),
+                                             (small, (top * sy, left * sx, height * sy, width * sx)))]
+        mse = torch.mean((views[0] - views[1]) ** 2).item()
+        values.append(10 * np.log10(255 ** 2 / max(mse, 1e-10)))
+    return float(np.mean(values))
+
+
+def resized(args):
+    photos = args.data / f"photos{args.images}"
+    files = make_photos(photos, args.images)
+    sets = {}
+    for max_side in [0, *args.max_sides]:
+        shards = args.data / (f"photos{args.images}_shards" + (f"_max{max_side}" if max_side else ""))
+        if not (shards / "train.json").exists():
+            extra = ["--max-side", str(max_side)] if max_side else []
+            subprocess.run([sys.executable, "-m", "data_prep.shard", str(photos), str(shards), "--split", "train",
+                            "--layout", "imagefolder", "--max-per-shard", "100", *extra], check=True,
+                           capture_output=True)
+        manifest = Manifest.load(shards / "train.json")
+        sets[max_side] = (shard_images(shards), sum(s.bytes for s in manifest.shards))
+    rates = {key: {"mae": [], "byol": []} for key in sets}
+    per_core_rate(list(sets[0][0].values())[:50], "byol")  # warm-up: the first contender must not pay for it
+    for _ in range(args.repeats):  # interleaved
+        for key, (images, _) in sets.items():
+            for view_name in ("mae", "byol"):
+                rates[key][view_name].append(per_core_rate(list(images.values()), view_name))
+    original = sets[0][0]
+    rows = {}
+    for key, (images, size) in sets.items():
+        mae, pairs = statistics.median(rates[key]["mae"]), statistics.median(rates[key]["byol"])
+        rows[key] = {"max_side": key or "original", "megabytes": round(size / 1e6, 1), "mae_img_per_s": round(mae, 1),
+                     "mocov3_pairs_per_s": round(pairs, 1)}
+        if key:
+            rows[key].update(mae_psnr_db=round(view_psnr(original, images, (0.2, 1.0), "bicubic"), 2),
+                             mocov3_psnr_db=round(view_psnr(original, images, (0.08, 1.0), "bilinear"), 2))
+    base = rows[0]
+    print(f"{'shards':<12}{'MB':>8}{'MAE img/s/core':>16}{'x':>6}{'MoCo pairs/s/core':>19}{'x':>6}"
+          f"{'MAE PSNR':>10}{'MoCo PSNR':>11}")
+    for row in rows.values():
+        print(f"{str(row['max_side']):<12}{row['megabytes']:>8}{row['mae_img_per_s']:>16.0f}"
+              f"{row['mae_img_per_s'] / base['mae_img_per_s']:>6.2f}{row['mocov3_pairs_per_s']:>19.0f}"
+              f"{row['mocov3_pairs_per_s'] / base['mocov3_pairs_per_s']:>6.2f}"
+              f"{row.get('mae_psnr_db', float('nan')):>10.2f}{row.get('mocov3_psnr_db', float('nan')):>11.2f}")
+    result = {"bench": "loader_resized", "images": len(files), "machine": f"{platform.machine()} {cpu_count()} CPUs",
+              "torch": torch.__version__, "rows": list(rows.values()),
+              "runs": {str(k): v for k, v in rates.items()}}
+    print(json.dumps(result))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=3000)
@@ -118,7 +206,11 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--resized", action="store_true", help="original vs lg-shard --max-side shards, per core")
+    parser.add_argument("--max-sides", type=int, nargs="+", default=[320, 384, 512])
     args = parser.parse_args()
+    if args.resized:
+        return resized(args)
     photos, shards = args.data / f"photos{args.images}", args.data / f"photos{args.images}_shards"
     files = make_photos(photos, args.images)
     if not (shards / "train.json").exists():

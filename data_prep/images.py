@@ -1,10 +1,12 @@
-"""Cheap checks that a file is a decodable image, and conversion of odd images to RGB JPEG."""
+"""Cheap checks that a file is a decodable image, conversion of odd images to RGB JPEG, and the
+resizing of large ones (lg-shard --max-side)."""
 import io
 import warnings
 
 from PIL import Image
 
 JPEG_QUALITY = 95
+RESIZED_QUALITY = 90  # lg-shard --max-side's default JPEG quality: FFCV's for its resized ImageNet
 # Start-of-frame markers (they carry the number of colour components); C4, C8 and CC are not frames.
 START_OF_FRAME = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -67,4 +69,18 @@ def to_rgb_jpeg(data, quality=JPEG_QUALITY):
     with Image.open(io.BytesIO(data)) as image:
         out = io.BytesIO()
         image.convert("RGB").save(out, format="JPEG", quality=quality)
+        return out.getvalue()
+
+
+def limit_side(data, max_side, quality=RESIZED_QUALITY):
+    """`data` re-encoded as an RGB JPEG whose longer side is `max_side` when it is longer than that
+    (aspect ratio kept, Lanczos: an antialiased downscale), else None (keep the original bytes)."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if max(width, height) <= max_side:
+            return None
+        scale = max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        out = io.BytesIO()
+        image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(out, format="JPEG", quality=quality)
         return out.getvalue()

@@ -35,6 +35,8 @@ class Manifest:
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
     fingerprint: str = ""  # identifies the lg-shard invocation that wrote the shards
     subset: dict = field(default_factory=dict)  # a label subset's file or fraction (data_prep.subsets); {}: all
+    # lg-shard --max-side: {"max_side", "quality", "resized": images re-encoded}; {}: every image as it came
+    resize: dict = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False, repr=False)
 
     @property

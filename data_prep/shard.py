@@ -1,11 +1,12 @@
 """lg-shard: write a split of ImageNet or any ImageFolder as WebDataset shards plus a manifest.
 
     lg-shard SRC OUT --split train [--layout imagenet|imagefolder] [--max-per-shard N | --shard-size-mb M]
-             [--workers W] [--seed S] [--reencode] [--full-decode]
+             [--workers W] [--seed S] [--reencode] [--full-decode] [--max-side N [--quality Q]]
              [--subset-file 1percent.txt | --subset-fraction 0.01 [--subset-seed S]]
 
 Every sample is `KEY.jpg` (the source file's bytes, unchanged unless --reencode converts a non-RGB or
-non-JPEG image), `KEY.cls` (class index) and `KEY.json` ({"path", "class"}). The file list is shuffled
+non-JPEG image, or --max-side re-encodes an image whose longer side exceeds N at that size, as FFCV
+stores ImageNet), `KEY.cls` (class index) and `KEY.json` ({"path", "class"}). The file list is shuffled
 with the seed before it is cut into shards, so every shard mixes classes. Files that are not decodable
 images are skipped and listed in the manifest.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.images import inspect_image, to_rgb_jpeg
+from data_prep.images import RESIZED_QUALITY, inspect_image, limit_side, to_rgb_jpeg
 from data_prep.manifest import Manifest, ShardInfo, write_json_atomic
 from data_prep.sources import find_split
 from data_prep.subsets import read_subset_file, select_fraction, select_listed
@@ -82,10 +83,11 @@ def fingerprint(plans, classes, options):
     return digest.hexdigest()
 
 
-def write_shard(src, out, progress, plan, reencode, full_decode, run_fingerprint):
+def write_shard(src, out, progress, plan, reencode, full_decode, run_fingerprint, max_side=0,
+                quality=RESIZED_QUALITY):
     """Write one shard; its record is saved before the shard is renamed into place."""
     temporary = out / f".{plan.name}.tmp"
-    skipped, converted, read_bytes = [], 0, 0
+    skipped, converted, resized, read_bytes = [], 0, 0, 0
     with ShardTarWriter(temporary) as writer:
         for key, image in plan.samples:
             try:
@@ -99,14 +101,17 @@ def write_shard(src, out, progress, plan, reencode, full_decode, run_fingerprint
             if problem:
                 skipped.append({"path": image.path, "reason": problem})
                 continue
-            if reencode and needs_conversion:
+            smaller = limit_side(data, max_side, quality) if max_side else None
+            if smaller is not None:
+                data, resized = smaller, resized + 1
+            elif reencode and needs_conversion:
                 data = to_rgb_jpeg(data)
                 converted += 1
             meta = json.dumps({"path": image.path, "class": image.class_name}).encode()
             writer.write({"__key__": key, "jpg": data, "cls": str(image.label).encode(), "json": meta})
     shard = ShardInfo(plan.name, len(plan.samples) - len(skipped), writer.bytes, writer.sha256.hexdigest())
     record = {"fingerprint": run_fingerprint, "index": plan.index, "shard": asdict(shard), "skipped": skipped,
-              "converted": converted}
+              "converted": converted, "resized": resized}
     write_json_atomic(progress / f"{plan.index:06d}.json", record)
     os.replace(temporary, out / plan.name)
     return record, len(plan.samples), read_bytes
@@ -202,6 +207,10 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
     parser.add_argument("--reencode", action="store_true",
                         help="convert CMYK/grayscale JPEGs and non-JPEG files to RGB JPEG")
+    parser.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer side exceeds N "
+                        "pixels at that size (FFCV stores ImageNet at 256-512); smaller ones keep their bytes")
+    parser.add_argument("--quality", type=int, default=RESIZED_QUALITY,
+                        help=f"JPEG quality of the images --max-side re-encodes (default {RESIZED_QUALITY})")
     parser.add_argument("--full-decode", action="store_true",
                         help="fully decode every JPEG to check it (default: a structural check, ~100x cheaper)")
     subset = parser.add_mutually_exclusive_group()
@@ -219,6 +228,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.max_per_shard < 1 or (args.shard_size_mb is not None and args.shard_size_mb <= 0) or args.workers < 1:
         parser.error("--max-per-shard, --shard-size-mb and --workers must be positive")
+    if args.max_side < 0 or (args.max_side and args.max_side < 32) or not 1 <= args.quality <= 100:
+        parser.error(f"--max-side {args.max_side}: 0 (off) or at least 32; --quality in 1-100")
     return args
 
 
@@ -245,8 +256,10 @@ def main(argv=None):
         log.info("subset %s: %d images", subset, len(source.images))
     max_bytes = None if args.shard_size_mb is None else int(args.shard_size_mb * 1e6)
     plans = plan_shards(source.images, split, args.seed, args.max_per_shard, max_bytes, args.src)
+    resize = {"max_side": args.max_side, "quality": args.quality} if args.max_side else {}
     options = {"split": split, "layout": args.layout, "seed": args.seed, "reencode": args.reencode,
-               "full_decode": args.full_decode, **({"subset": subset} if subset else {})}
+               "full_decode": args.full_decode, **({"subset": subset} if subset else {}),
+               **({"resize": resize} if resize else {})}
     run_fingerprint = fingerprint(plans, source.classes, options)
 
     manifest_path = out / f"{split}.json"
@@ -263,8 +276,8 @@ def main(argv=None):
     records = _load_done_records(out, split, progress, plans, run_fingerprint)
     if records:
         log.info("resuming: %d of %d shards are already complete", len(records), len(plans))
-    tasks = [(args.src, out, progress, plan, args.reencode, args.full_decode, run_fingerprint)
-             for plan in plans if plan.index not in records]
+    tasks = [(args.src, out, progress, plan, args.reencode, args.full_decode, run_fingerprint, args.max_side,
+              args.quality) for plan in plans if plan.index not in records]
     pending_images = sum(len(task[3].samples) for task in tasks)
     for record in write_shards(tasks, args.workers, pending_images):
         records[record["index"]] = record
@@ -272,14 +285,17 @@ def main(argv=None):
     records = [records[plan.index] for plan in plans]
     shards = [ShardInfo(**record["shard"]) for record in records]
     skipped = source.unlabeled + [item for record in records for item in record["skipped"]]
+    resized = sum(record.get("resized", 0) for record in records)
     manifest = Manifest(split, source.classes, sum(s.num_samples for s in shards), shards, skipped, run_fingerprint,
-                        subset)
+                        subset, {**resize, "resized": resized} if resize else {})
     manifest.save(manifest_path)
     shutil.rmtree(progress)
     converted = sum(record["converted"] for record in records)
     print(f"wrote {manifest.num_samples} {split} samples in {len(shards)} shards "
           f"({sum(s.bytes for s in shards) / 1e9:.2f} GB) to {out}; skipped {len(skipped)}"
-          + (f", re-encoded {converted}" if converted else "") + f"; manifest {manifest_path}")
+          + (f", re-encoded {converted}" if converted else "")
+          + (f", resized {resized} to a longer side of {args.max_side}" if resize else "")
+          + f"; manifest {manifest_path}")
     return 0
 
 

@@ -3,8 +3,8 @@
     lg-verify OUT --split train [--workers W]
 
 Checks each shard's size, SHA-256 and sample count, decodes every image fully with the training
-loader's decoder, and checks that labels
-lie in the class list and agree with each sample's json. Prints one line per problem; exit code 1 if
+loader's decoder (and, for shards written with --max-side N, that no image's longer side exceeds N),
+and checks that labels lie in the class list and agree with each sample's json. Prints one line per problem; exit code 1 if
 there is any.
 """
 import argparse
@@ -25,7 +25,7 @@ from pretrain.views import decode_image
 MEMBERS = ("cls", "json")  # and an image (IMAGE_EXTENSIONS)
 
 
-def verify_shard(path, expected, classes):
+def verify_shard(path, expected, classes, max_side=0):
     """Problems of one shard (a list of strings), and how many images were decoded."""
     name = Path(path).name
     if not os.path.isfile(path):
@@ -51,7 +51,9 @@ def verify_shard(path, expected, classes):
             problems.append(f"{where}: no {', '.join(missing)} member")
             continue
         try:
-            decode_image(image_bytes(sample))
+            height, width = decode_image(image_bytes(sample)).shape[1:]
+            if max_side and max(height, width) > max_side:
+                problems.append(f"{where}: {width}x{height} pixels, longer than the manifest's max_side {max_side}")
         except Exception as error:  # any decoder failure is a finding, not a crash
             problems.append(f"{where}: image does not decode: {error}")
         try:
@@ -81,7 +83,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     manifest = Manifest.load(args.out / f"{args.split}.json")
-    tasks = [(url, shard, manifest.classes) for url, shard in zip(manifest.urls, manifest.shards)]
+    max_side = manifest.resize.get("max_side", 0)
+    tasks = [(url, shard, manifest.classes, max_side) for url, shard in zip(manifest.urls, manifest.shards)]
     problems, total = [], 0
     with multiprocessing.get_context("fork").Pool(max(1, min(args.workers, len(tasks)))) as pool:
         bar = tqdm(total=manifest.num_samples, unit="img", unit_scale=True, desc="verifying", dynamic_ncols=True)

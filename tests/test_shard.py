@@ -310,3 +310,42 @@ def test_a_subset_fraction_keeps_that_share_of_every_class_by_seed(demo_images, 
     sizes = {d.name: len(list(d.glob("*.jpg"))) for d in (demo_images / "train").iterdir()}
     assert per_class == {name: max(1, round(0.1 * n)) for name, n in sizes.items()}
     assert first == again and first != other
+
+
+def test_max_side_resizes_the_large_images_only_and_lg_verify_holds_it(tmp_path):
+    """--max-side N: an image whose longer side exceeds N is re-encoded at that size (aspect kept, the
+    given JPEG quality), a smaller one keeps its bytes, a CMYK one too large comes out RGB; the manifest
+    records it and lg-verify checks the sides against it (a manifest that claims less is caught)."""
+    src = tmp_path / "src"
+    y, x = np.mgrid[0:375, 0:500]
+    smooth = np.stack([x * 255 / 500, y * 255 / 375, (x + y) * 255 / 875], axis=-1).astype(np.uint8)
+    photo = io.BytesIO()
+    Image.fromarray(smooth).save(photo, format="JPEG", quality=95)
+    images = {"wide.jpg": photo.getvalue(), "tall.jpg": jpeg_bytes(size=(120, 400), seed=2),
+              "small.jpg": jpeg_bytes(size=(300, 200), seed=3), "cmyk.jpg": jpeg_bytes(size=(640, 480), mode="CMYK")}
+    for name, data in images.items():
+        write_file(src / "a" / name, data)
+    out = tmp_path / "out"
+    result = shard(src, out, "--split", "train", "--layout", "imagefolder", "--max-side", 320, "--quality", 85)
+    assert result.returncode == 0, result.stderr
+    assert "resized 3 to a longer side of 320" in result.stdout
+    manifest = read_manifest(out, "train")
+    assert manifest["resize"] == {"max_side": 320, "quality": 85, "resized": 3}
+    stored = {Path(json.loads(s["json"])["path"]).name: s["jpg"] for s in tar_samples(out, "train").values()}
+    assert stored["small.jpg"] == images["small.jpg"]
+    sizes = {name: Image.open(io.BytesIO(data)).size for name, data in stored.items()}
+    assert sizes == {"wide.jpg": (320, 240), "tall.jpg": (96, 320), "small.jpg": (300, 200), "cmyk.jpg": (320, 240)}
+    assert Image.open(io.BytesIO(stored["cmyk.jpg"])).mode == "RGB"
+    original = np.asarray(Image.fromarray(smooth).resize((320, 240), Image.Resampling.BILINEAR), dtype=float)
+    resized = np.asarray(Image.open(io.BytesIO(stored["wide.jpg"])), dtype=float)
+    assert 10 * np.log10(255 ** 2 / np.mean((original - resized) ** 2)) > 35  # the same picture, smaller
+    verified = run_cli("data_prep.verify", out, "--split", "train")
+    assert verified.returncode == 0 and "OK" in verified.stdout, verified.stdout
+    manifest["resize"]["max_side"] = 256  # a manifest that claims smaller images than the shards hold
+    (out / "train.json").write_text(json.dumps(manifest))
+    verified = run_cli("data_prep.verify", out, "--split", "train")
+    assert verified.returncode == 1 and "longer than the manifest's max_side 256" in verified.stdout
+    again = shard(src, out, "--split", "train", "--layout", "imagefolder", "--max-side", 384)
+    assert again.returncode == 2 and "different lg-shard command" in again.stderr  # never mixed with other sizes
+    bad = shard(src, tmp_path / "bad", "--split", "train", "--layout", "imagefolder", "--max-side", 8)
+    assert bad.returncode == 2 and "--max-side 8" in bad.stderr
