@@ -6,6 +6,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.locations import is_url
 from pretrain.errors import UserError
 
 
@@ -41,7 +42,9 @@ class Manifest:
 
     @property
     def urls(self):
-        return [str(self.root / shard.name) for shard in self.shards]
+        """Each shard's location: its name beside the manifest, or the name itself when it is a URL
+        (http(s)://, pipe:, s3://, gs://; data_prep.locations)."""
+        return [shard.name if is_url(shard.name) else str(self.root / shard.name) for shard in self.shards]
 
     @classmethod
     def load(cls, path):
@@ -67,7 +70,7 @@ class Manifest:
         where = f"{source}: " if source else ""
         if not self.shards:
             raise UserError(f"{where}manifest of split {self.split!r} in {self.root} lists no shards")
-        missing = [url for url in self.urls if not os.path.isfile(url)]
+        missing = [url for url in self.urls if not is_url(url) and not os.path.isfile(url)]
         if missing:
             raise UserError(f"{where}shard {missing[0]} is missing ({len(missing)} of {len(self.shards)} are)")
         return self

@@ -116,18 +116,40 @@ def image_bytes(sample):
     raise KeyError(f"sample {sample.get('__key__')} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-def read_shard(path, select=None):
+def read_shard(path, select=None, stream=None):
     """Yield the samples of an uncompressed tar shard as webdataset does: consecutive members
     `key.ext` grouped into `{"__key__": key, "__url__": path, ext: bytes, ...}`.
 
-    Members that `select(name)` rejects are skipped without being read. PAX and GNU long-name headers
-    (which webdataset's writer emits) are understood. A corrupt header or a truncated file (one that
-    ends before the archive's end marker) raises `tarfile.ReadError` after the complete samples.
+    `stream`: a reader to take the bytes from (a URL's stream, data_prep.locations); default: the file
+    at `path`. Members that `select(name)` rejects are skipped without being read (read past, on a
+    stream). PAX and GNU long-name headers (which webdataset's writer emits) are understood. A corrupt
+    header or a truncated file (one that ends before the archive's end marker) raises
+    `tarfile.ReadError` after the complete samples.
     """
-    sample, override = None, {}
-    with open(path, "rb", buffering=1 << 16) as f:
-        while (header := f.read(TAR_BLOCK)).count(0) != TAR_BLOCK:  # a zero block ends the archive
-            offset = f.tell() - len(header)
+    sample, override, position = None, {}, 0
+
+    def skip(f, count):
+        nonlocal position
+        position += count
+        if seekable:
+            f.seek(count, os.SEEK_CUR)
+        else:
+            while count > 0:
+                chunk = f.read(min(count, 1 << 20))
+                if not chunk:  # the stream ended: the next header's read reports the truncation
+                    return
+                count -= len(chunk)
+
+    def read(f, count):
+        nonlocal position
+        data = f.read(count)
+        position += len(data)
+        return data
+
+    with (stream if stream is not None else open(path, "rb", buffering=1 << 16)) as f:
+        seekable = stream is None
+        while (header := read(f, TAR_BLOCK)).count(0) != TAR_BLOCK:  # a zero block ends the archive
+            offset = position - len(header)
             if len(header) < TAR_BLOCK:
                 raise tarfile.ReadError(f"{path}: truncated at byte {offset} (no end-of-archive marker)")
             checksum = int(_header_field(header, 148, 156).strip() or b"-1", 8)
@@ -142,12 +164,12 @@ def read_shard(path, select=None):
             kind = header[156:157]
             wanted = kind in REGULAR_FILE and "." in name.rpartition("/")[2] and (select is None or select(name))
             if not (wanted or kind in (b"x", b"L")):
-                f.seek(padded, os.SEEK_CUR)
+                skip(f, padded)
                 continue
-            data = f.read(size)
+            data = read(f, size)
             if len(data) != size:
                 raise tarfile.ReadError(f"{path}: truncated member {name}")
-            f.seek(padded - size, os.SEEK_CUR)
+            skip(f, padded - size)
             if kind == b"x":  # PAX header: overrides for the next member
                 override = _pax_records(data)
                 continue

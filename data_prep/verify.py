@@ -2,6 +2,9 @@
 
     lg-verify OUT --split train [--workers W]
 
+A manifest's shards may be URLs (http(s)://, pipe:, s3://, gs://): they are read through webdataset's
+opener.
+
 Checks each shard's size, SHA-256 and sample count, decodes every image fully with the training
 loader's decoder (and, for shards written with --max-side N, that no image's longer side exceeds N),
 and checks that labels lie in the class list and agree with each sample's json. Prints one line per problem; exit code 1 if
@@ -16,6 +19,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from data_prep.locations import digest_of, is_url
 from data_prep.manifest import Manifest, sha256_of_file
 from data_prep.shard import SPLITS
 from data_prep.shard_tar import IMAGE_EXTENSIONS, image_bytes
@@ -27,13 +31,20 @@ MEMBERS = ("cls", "json")  # and an image (IMAGE_EXTENSIONS)
 
 def verify_shard(path, expected, classes, max_side=0):
     """Problems of one shard (a list of strings), and how many images were decoded."""
-    name = Path(path).name
-    if not os.path.isfile(path):
+    name = path if is_url(path) else Path(path).name
+    if is_url(path):  # a stream: its bytes and digest as it reads (webdataset's opener)
+        try:
+            digest, size = digest_of(path)
+        except OSError as error:
+            return [f"{name}: unreadable: {error}"], 0
+    elif not os.path.isfile(path):
         return [f"{name}: missing"], 0
+    else:
+        digest, size = sha256_of_file(path), os.path.getsize(path)
     problems = []
-    if os.path.getsize(path) != expected.bytes:
-        problems.append(f"{name}: {os.path.getsize(path)} bytes, manifest says {expected.bytes}")
-    if sha256_of_file(path) != expected.sha256:
+    if size != expected.bytes:
+        problems.append(f"{name}: {size} bytes, manifest says {expected.bytes}")
+    if digest != expected.sha256:
         problems.append(f"{name}: SHA-256 differs from the manifest (the file changed after sharding)")
 
     def note_read_error(error):

@@ -65,6 +65,9 @@ class DataConfig:
     # Hash each shard before reading it and skip (counting its samples as lost) one whose SHA-256 is not
     # the manifest's: a damaged or replaced file. A fraction of the decoding cost (BENCHMARKS.md).
     verify_shards: bool = True
+    # A shard at a URL (http(s)://, pipe:, s3://, gs://) that breaks off is opened again this many times,
+    # 1, 2, 4 ... s apart, before the run stops with an error naming it.
+    url_retries: int = 3
 
 
 @dataclass
@@ -310,7 +313,8 @@ class Config:
             (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
              "in [0, 1) (num_classes >= 0)"),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
-            (self.data.max_bad_shards >= 0, "data.max_bad_shards", ">= 0"),
+            (self.data.max_bad_shards >= 0 and self.data.url_retries >= 0, "data.max_bad_shards",
+             ">= 0 (data.url_retries too)"),
             (self.run.loss_spike == 0 or self.run.loss_spike > 1, "run.loss_spike", "0 (off) or above 1"),
             (self.run.grad_norm_spike == 0 or self.run.grad_norm_spike > 1, "run.grad_norm_spike",
              "0 (off) or above 1"),

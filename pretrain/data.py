@@ -45,6 +45,7 @@ import os
 import random
 import signal
 import tarfile
+import time
 from functools import partial
 from itertools import islice
 
@@ -53,6 +54,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.locations import HashingReader, is_url, open_location
 from data_prep.manifest import Manifest, sha256_of_file
 from data_prep.shard_tar import IMAGE_EXTENSIONS, image_bytes, read_shard
 from pretrain.errors import UserError
@@ -80,27 +82,39 @@ class DataUnavailable(RuntimeError):
 class ShardTally:
     """What one stream of shards lost, and whether its storage is still there.
 
-    `listed` maps each url to its manifest entry (ShardInfo). With `verify`, a shard is hashed before it
-    is read and one whose SHA-256 differs from the manifest's (damaged or replaced since sharding) is
-    skipped, all its samples lost. A shard that ends early (truncated, a bad tar header, unreadable)
-    loses the rest. Lost samples and skipped shards are counted for the batches to report. After
-    `max_bad_shards` shards in a row that give no sample the stream stops with DataUnavailable, naming
-    where the shards were: an endless retry of a vanished store helps nobody (0: never stop).
+    `listed` maps each url to its manifest entry (ShardInfo). With `verify`, a local shard is hashed
+    before it is read and one whose SHA-256 differs from the manifest's (damaged or replaced since
+    sharding) is skipped, all its samples lost; a URL's shard is hashed as it streams, and a difference
+    is reported when it ends (its samples are used by then). A local shard that ends early (truncated, a
+    bad tar header, unreadable) loses the rest. A URL's shard that breaks off is opened again up to
+    `url_retries` times, `backoff` x 2^k seconds apart, its samples read before skipped; then the stream
+    stops with DataUnavailable naming the URL. Lost samples and skipped shards are counted for the
+    batches to report. After `max_bad_shards` shards in a row that give no sample the stream stops with
+    DataUnavailable, naming where the shards were: an endless retry of a vanished store helps nobody
+    (0: never stop).
     """
 
-    def __init__(self, listed=None, max_bad_shards=0, verify=False):
+    def __init__(self, listed=None, max_bad_shards=0, verify=False, url_retries=3, backoff=1.0):
         self.listed, self.max_bad_shards, self.verify = listed or {}, max_bad_shards, verify
+        self.url_retries, self.backoff = url_retries, backoff
         self.lost, self.skipped, self.unreadable = 0, 0, []
 
     def problem_with(self, url):
-        """Why shard `url` must not be read (its checksum), or None."""
+        """Why local shard `url` must not be read (its checksum), or None."""
         shard = self.listed.get(url)
-        if not (self.verify and shard):
+        if not (self.verify and shard) or is_url(url):
             return None
         if sha256_of_file(url) != shard.sha256:
             self.skipped += 1
             return ValueError("its SHA-256 differs from the manifest's (the file changed after sharding)")
         return None
+
+    def check_streamed(self, url, reader):
+        """After a URL's shard streamed to its end: its digest against the manifest's."""
+        shard = self.listed.get(url)
+        if self.verify and shard and reader.sha256.hexdigest() != shard.sha256:
+            log.warning("shard %s: its SHA-256 differs from the manifest's (changed since sharding); its %d samples "
+                        "were read", url, shard.num_samples)
 
     def shard_done(self, url, count, error):
         shard = self.listed.get(url)
@@ -121,12 +135,41 @@ class ShardTally:
         return counts
 
 
+def url_samples(url, tally):
+    """The samples of a URL's shard, each once, across as many reopenings as the tally allows."""
+    delivered = 0
+    for attempt in range(tally.url_retries + 1):
+        try:
+            reader = HashingReader(open_location(url))
+            for index, sample in enumerate(read_shard(url, select=_wanted_member, stream=reader)):
+                if index >= delivered:  # the samples of an earlier attempt are read past, not repeated
+                    delivered += 1
+                    yield sample
+            tally.check_streamed(url, reader)
+            return
+        except (OSError, tarfile.TarError, ValueError) as error:
+            if attempt == tally.url_retries:
+                raise DataUnavailable(f"shard {url} could not be read after {tally.url_retries} retries "
+                                      f"({delivered} samples read): {error}") from None
+            wait = tally.backoff * 2 ** attempt
+            log.warning("shard %s broke off after %d samples (%s); opening it again in %.0f s (retry %d of %d)",
+                        url, delivered, error, wait, attempt + 1, tally.url_retries)
+            time.sleep(wait)
+
+
 def shard_samples(shards, tally=None):
-    """Raw samples of a stream of `{"url": path}`; a shard that turns out corrupt is cut short (or, failing
-    its checksum, skipped) with a warning, and what it lost goes to `tally` (a ShardTally)."""
+    """Raw samples of a stream of `{"url": location}`; a local shard that turns out corrupt is cut short
+    (or, failing its checksum, skipped) with a warning, and what it lost goes to `tally` (a ShardTally);
+    a URL's shard is retried as the tally says (`url_samples`)."""
     tally = tally or ShardTally()
     for shard in shards:
         url, count, error = shard["url"], 0, None
+        if is_url(url):
+            for sample in url_samples(url, tally):
+                count += 1
+                yield sample
+            tally.shard_done(url, count, None)
+            continue
         try:
             error = tally.problem_with(url)
             if error is None:
@@ -183,7 +226,8 @@ class ShardStream(IterableDataset):
         else:
             shards = wds.ResampledShards(loader.manifest.urls, seed=mix_seed(seed, self.epoch, rank, worker),
                                          worker_seed=lambda: 0, deterministic=True)
-        tally = ShardTally(loader.listed, loader.max_bad_shards, loader.verify_shards)
+        tally = ShardTally(loader.listed, loader.max_bad_shards, loader.verify_shards, loader.url_retries,
+                           loader.url_backoff)
         samples = wds.shuffle(loader.shuffle_buffer, loader.shuffle_buffer,
                               seed=mix_seed(seed, self.epoch, rank, worker, 1))(shard_samples(shards, tally))
         raw_batches = wds.batched(loader.batch_size, collation_fn=None, partial=True)(samples)
@@ -218,10 +262,11 @@ class ShardLoader:
 
     def __init__(self, manifest, batch_size, view="eval", img_size=224, mode="epoch", num_workers=2, seed=0,
                  rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False,
-                 max_bad_shards=16, verify_shards=True):
+                 max_bad_shards=16, verify_shards=True, url_retries=3, url_backoff=1.0):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.listed = dict(zip(self.manifest.urls, self.manifest.shards))
         self.max_bad_shards, self.verify_shards = max_bad_shards, verify_shards
+        self.url_retries, self.url_backoff = url_retries, url_backoff
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:

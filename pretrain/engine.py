@@ -51,7 +51,7 @@ RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.
                      "run.knn_every", "run.knn_pool", "data.knn_train", "data.knn_val", "data.knn_per_class",
                      "run.collective_timeout", "run.resume_tag", "run.skip_batches", "run.lr_factor",
                      "run.loss_spike", "run.grad_norm_spike", "data.max_bad_shards", "data.verify_shards",
-                     "finetune.allow_partial", "finetune.eval_every", "finetune.keep_best")
+                     "data.url_retries", "finetune.allow_partial", "finetune.eval_every", "finetune.keep_best")
 # Where things are, not what they hold: a run directory, data set or DeepSpeed file may move. What they
 # hold is compared instead: the data's shards (SHA-256 and sample counts), the effective DeepSpeed config.
 # graft.init's weights are read again on resume (the L1 pull's anchor), not compared.
@@ -243,7 +243,7 @@ def _train_locked(config, stop):
                          mode="resampled", num_workers=config.data.num_workers, seed=config.run.seed,
                          shuffle_buffer=config.data.shuffle_buffer, steps_per_epoch=steps_per_epoch * d.grad_accum,
                          pin_memory=torch.cuda.is_available(), max_bad_shards=config.data.max_bad_shards,
-                         verify_shards=config.data.verify_shards)
+                         verify_shards=config.data.verify_shards, url_retries=config.data.url_retries)
     total_steps = max(1, round(config.optim.epochs * steps_per_epoch))
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
     min_ratio = config.optim.min_lr / lr

@@ -137,7 +137,7 @@ def supervised_result(config, step):
     result dict, with the best of its periodic measurements (finetune.eval_every) when there were any.
 
     Rank 0 consolidates the checkpoint into RUN_DIR/classifier.pth, a float32 timm state_dict that
-    `timm.create_model(**classifier.json["timm"])` loads strictly (a linear probe's BatchNorm folded into
+    `timm.create_model(**classifier.json["timm"])` loads strictly (a linear probe's BatchNorm folded into the LayerNorm before
     its head); every rank then classifies its share of the val shards and the counts are summed. A linear
     probe's frozen weights are compared with graft.init's (`frozen_unchanged`; an error if they moved).
     Rank 0 writes RUN_DIR/eval_<method>.json and `eval/<method>_top1` to the run's TensorBoard log.

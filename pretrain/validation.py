@@ -75,6 +75,11 @@ class ValMonitor:
         online = self.objective.encoder
         with gathered(online.parameters()):
             self.copy.load_state_dict({k: v.detach().float() for k, v in online.state_dict().items()})
+        if is_distributed():
+            # Buffers are each rank's own (a BatchNorm's statistics follow that rank's batches; nothing syncs
+            # them): every rank measures rank 0's, the ones its checkpoint holds, as DDP would broadcast them.
+            for buffer in self.copy.buffers():
+                dist.broadcast(buffer, 0)
         models = [self.copy] + ([self.objective.ema.module] if getattr(self.objective, "ema", None) else [])
         c = self.config
         *correct, seen = top1_counts(models, c.finetune.val, c.deepspeed.micro_batch_size, c.data.img_size,

@@ -2,6 +2,7 @@
 recipe, as units against the official code's arithmetic and as real 2-process runs on the demo shards."""
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,20 +201,22 @@ def test_mae_linear_probe_on_two_processes_keeps_the_encoder_bit_identical(demo_
     """The real engine, 2 processes: a few LARS steps with val measured every 2 steps; the frozen weights
     in the checkpoint equal the encoder file's bit for bit, only the head and its BatchNorm statistics moved."""
     encoder = exported_encoder(tmp_path / "encoder.pth")
-    result = lg_eval("linear", encoder, demo_shards, tmp_path / "lp", "run.max_steps=4", "finetune.eval_every=0.04",
+    result = lg_eval("linear", encoder, demo_shards, tmp_path / "lp", "run.max_steps=44", "finetune.eval_every=0.5",
                      "--out", tmp_path / "result.json", linear="mae")
     assert result.returncode == 0, result.stderr[-3000:]
     reported = json.loads((tmp_path / "lp" / "eval_linprobe.json").read_text())
     assert reported == json.loads((tmp_path / "result.json").read_text())
     assert (reported["protocol"], reported["method"], reported["steps"], reported["val_samples"]) == \
-        ("mae", "linprobe", 4, 359)
+        ("mae", "linprobe", 44, 359)
     assert reported["frozen_unchanged"] is True
-    assert [r["step"] for r in reported["history"]] == [2, 4] and reported["history"][-1]["top1"] == reported["top1"]
+    # The periodic measurement of the live model and the final one of classifier.pth (its BatchNorm folded)
+    # agree: every rank measures rank 0's statistics, the checkpoint's.
+    assert [r["step"] for r in reported["history"]] == [22, 44] and reported["history"][-1]["top1"] == reported["top1"]
     assert reported["best"] == max(reported["history"], key=lambda r: r["top1"])
     events = tensorboard(tmp_path / "lp")
-    assert [e.step for e in events.Scalars("eval/val_top1")] == [2, 4]
+    assert [e.step for e in events.Scalars("eval/val_top1")] == [22, 44]
     assert "val top-1" in result.stderr and "best" in result.stderr
-    trained = consolidated_state_dict(tmp_path / "lp" / "ckpt", "step000000004")
+    trained = consolidated_state_dict(tmp_path / "lp" / "ckpt", "step000000044")
     start = torch.load(encoder, weights_only=True)
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in start.items())
     moved = {k for k in trained if k.startswith("encoder.head.")}
@@ -267,3 +270,51 @@ def test_finetune_with_maes_whole_recipe_resumes_exactly_with_its_ema(demo_shard
     reported = json.loads((tmp_path / "split" / "eval_finetune.json").read_text())
     assert reported["history"] and all("top1_ema" in r for r in reported["history"])
     assert reported["history"] == json.loads((tmp_path / "straight" / "eval_finetune.json").read_text())["history"]
+
+
+def _measure_with_rank_statistics(rank, init_file, val, results):
+    """One rank of test_every_rank_measures_rank_0s_batchnorm_statistics."""
+    import torch.distributed as dist
+
+    from pretrain.validation import ValMonitor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    config = load_config(REPO / "configs" / "linprobe_mae_demo.yaml",
+                         [*TINY, f"finetune.val={val}", "deepspeed.micro_batch_size=32", "data.num_workers=0",
+                          f"run.dir={Path(init_file).parent}"])
+    probe = build_objective(config).eval()
+    norm = probe.encoder.head[0]
+    with torch.no_grad():  # each rank's own statistics, as per-rank batches leave them
+        norm.running_mean.copy_(torch.randn(192, generator=torch.Generator().manual_seed(rank)))
+        norm.running_var.fill_(0.01 + rank)
+        probe.encoder.head[1].weight.normal_(generator=torch.Generator().manual_seed(0))  # the same, informative
+    measured = ValMonitor(config, probe, torch.device("cpu")).measure(1, 0.0)["top1"]
+    from pretrain.validation import top1_counts
+
+    if rank == 0:  # rank 0's model alone, measured on the whole split
+        dist.destroy_process_group()
+        correct, seen = top1_counts([probe.encoder], val, 32, 32, 0, torch.device("cpu"))
+        results.put((measured, round(100 * correct / seen, 2)))
+    else:
+        results.put((measured, None))
+        dist.destroy_process_group()
+
+
+def test_every_rank_measures_rank_0s_batchnorm_statistics(demo_shards, tmp_path):
+    """A probe's BatchNorm statistics are each rank's own; the periodic measurement uses rank 0's (the
+    checkpoint's) on every rank, so it equals rank 0's model measured alone."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_measure_with_rank_statistics,
+                                 args=(rank, tmp_path / "init", demo_shards / "val.json", results))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    reference = next(alone for _, alone in outcomes if alone is not None)
+    assert [measured for measured, _ in outcomes] == [reference, reference]

@@ -16,7 +16,7 @@ Loss: plain cross-entropy (both scripts). The view is a random resized crop and 
 flip, interpolation); RandAugment, mixing and erasing belong to fine-tuning and are not applied. On CUDA
 the frozen encoder runs under bf16 autocast (MAE's linear probe runs under AMP); the head in fp32.
 The result, classifier.pth, is a plain timm state_dict: the BatchNorm (in eval mode an affine map) is
-folded into the linear layer (`classifier_state`).
+folded into the LayerNorm before the head (`classifier_state`).
 """
 import functools
 
@@ -91,13 +91,17 @@ class LinearProbe(Objective):
 
     @staticmethod
     def classifier_state(state):
-        """The timm state_dict of a probe's state (keys of `encoder`): the protocol-mae BatchNorm folded
-        into the linear layer, W' = W / sqrt(var + eps), b' = b - W' mean (what it computes in eval mode)."""
+        """The timm state_dict of a probe's state (keys of `encoder`). The protocol-mae BatchNorm (in eval
+        mode the affine map (f - mean) / sqrt(var + eps)) is folded into the LayerNorm that makes the
+        features, the final `norm` (class token) or `fc_norm` (mean pool): gamma' = gamma / s,
+        beta' = (beta - mean) / s. Folded into the linear layer instead, the mean would be subtracted
+        after the multiplication, and float32 loses the difference for features of small spread."""
         if "head.1.weight" not in state:
             return dict(state)
+        norm = "fc_norm" if "fc_norm.weight" in state else "norm"
         folded = {k: v for k, v in state.items() if not k.startswith("head.")}
-        mean, var = state["head.0.running_mean"].double(), state["head.0.running_var"].double()
-        weight = state["head.1.weight"].double() / torch.sqrt(var + 1e-6)
-        folded["head.weight"] = weight.float()
-        folded["head.bias"] = (state["head.1.bias"].double() - weight @ mean).float()
+        mean, std = state["head.0.running_mean"].double(), torch.sqrt(state["head.0.running_var"].double() + 1e-6)
+        folded[f"{norm}.weight"] = (state[f"{norm}.weight"].double() / std).float()
+        folded[f"{norm}.bias"] = ((state[f"{norm}.bias"].double() - mean) / std).float()
+        folded["head.weight"], folded["head.bias"] = state["head.1.weight"], state["head.1.bias"]
         return folded
