@@ -201,22 +201,22 @@ def test_mae_linear_probe_on_two_processes_keeps_the_encoder_bit_identical(demo_
     """The real engine, 2 processes: a few LARS steps with val measured every 2 steps; the frozen weights
     in the checkpoint equal the encoder file's bit for bit, only the head and its BatchNorm statistics moved."""
     encoder = exported_encoder(tmp_path / "encoder.pth")
-    result = lg_eval("linear", encoder, demo_shards, tmp_path / "lp", "run.max_steps=44", "finetune.eval_every=0.5",
+    result = lg_eval("linear", encoder, demo_shards, tmp_path / "lp", "run.max_steps=8", "finetune.eval_every=0.09",
                      "--out", tmp_path / "result.json", linear="mae")
     assert result.returncode == 0, result.stderr[-3000:]
     reported = json.loads((tmp_path / "lp" / "eval_linprobe.json").read_text())
     assert reported == json.loads((tmp_path / "result.json").read_text())
     assert (reported["protocol"], reported["method"], reported["steps"], reported["val_samples"]) == \
-        ("mae", "linprobe", 44, 359)
+        ("mae", "linprobe", 8, 359)
     assert reported["frozen_unchanged"] is True
     # The periodic measurement of the live model and the final one of classifier.pth (its BatchNorm folded)
-    # agree: every rank measures rank 0's statistics, the checkpoint's.
-    assert [r["step"] for r in reported["history"]] == [22, 44] and reported["history"][-1]["top1"] == reported["top1"]
+    # agree (every rank measures rank 0's statistics: test_every_rank_measures_rank_0s_batchnorm_statistics).
+    assert [r["step"] for r in reported["history"]] == [4, 8] and reported["history"][-1]["top1"] == reported["top1"]
     assert reported["best"] == max(reported["history"], key=lambda r: r["top1"])
     events = tensorboard(tmp_path / "lp")
-    assert [e.step for e in events.Scalars("eval/val_top1")] == [22, 44]
+    assert [e.step for e in events.Scalars("eval/val_top1")] == [4, 8]
     assert "val top-1" in result.stderr and "best" in result.stderr
-    trained = consolidated_state_dict(tmp_path / "lp" / "ckpt", "step000000044")
+    trained = consolidated_state_dict(tmp_path / "lp" / "ckpt", "step000000008")
     start = torch.load(encoder, weights_only=True)
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in start.items())
     moved = {k for k in trained if k.startswith("encoder.head.")}
