@@ -152,7 +152,7 @@ def supervised_result(config, step):
     from pretrain.methods import OBJECTIVES, build_objective
     from pretrain.methods.finetune import num_classes_of
     from pretrain.models import classifier_kwargs
-    from pretrain.validation import top1_counts
+    from pretrain.validation import best_record, top1_counts
 
     run_dir, method = Path(config.run.dir), config.method
     weights = run_dir / "classifier.pth"
@@ -185,7 +185,7 @@ def supervised_result(config, step):
                         "finetune.allow_partial=true (lg-eval: --allow-partial) to score the rest")
     history_file = run_dir / "val_history.json"
     history = json.loads(history_file.read_text()) if config.finetune.eval_every and history_file.is_file() else []
-    best = max(history, key=lambda r: max(r["top1"], r.get("top1_ema", -1)), default=None)
+    best = best_record(history)
     result = {"protocol": config.linprobe.protocol if method == "linprobe" else "finetune", "method": method,
               "encoder": config.graft.init, "run_dir": str(run_dir), "arch": config.model.arch,
               "pool": config.finetune.pool, "layer": "last", "top1": round(100 * correct / seen, 2),
@@ -268,12 +268,13 @@ def parse_args(argv):
     parser.add_argument("--allow-partial", action="store_true", help="score the images that could be read when "
                         "a split has fewer than its manifest lists (stated in the JSON); an error otherwise")
     args = parser.parse_intermixed_args(argv)
-    engine = args.protocol == "finetune" or (args.protocol == "linear" and args.linear_protocol != "cached")
-    if args.overrides and not engine:
+    # finetune and the papers' linear probes are training runs of the engine; knn and the cached probe are not
+    args.trains = args.protocol == "finetune" or (args.protocol == "linear" and args.linear_protocol != "cached")
+    if args.overrides and not args.trains:
         parser.error(f"key=value overrides ({args.overrides[0]}) are for finetune and linear --protocol mae|mocov3")
     if args.linear_protocol != "cached" and args.protocol != "linear":
         parser.error("--protocol is linear's")
-    if engine and args.fraction != 1:
+    if args.trains and args.fraction != 1:
         parser.error("--fraction is the cached probe's; for the engine protocols shard a label subset "
                      "(lg-shard --subset-file / --subset-fraction) and give it as --train")
     if not 0 < args.fraction <= 1:
@@ -346,7 +347,7 @@ def main(argv=None):
     args.train = check_manifest(args.train, "--train", "train")
     args.val = check_manifest(args.val, "--val", "val")
     arch, img_size, patch_size = architecture(args.encoder, args)
-    if args.protocol == "finetune" or (args.protocol == "linear" and args.linear_protocol != "cached"):
+    if args.trains:
         return train_protocol(args, arch, img_size, patch_size)
     args.pool = args.pool or "token"
     layer = "last" if args.layer < 0 else f"block_{args.layer:02d}"

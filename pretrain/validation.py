@@ -46,6 +46,16 @@ def top1_counts(models, manifest, batch_size, img_size, num_workers, device, bf1
     return counts.tolist()
 
 
+def score(record):
+    """A measurement's score: the better of the model's top-1 and its EMA's."""
+    return max(record["top1"], record.get("top1_ema", -1))
+
+
+def best_record(history):
+    """The best-scoring measurement of a history (val_history.json), or None."""
+    return max(history, key=score, default=None)
+
+
 class ValMonitor:
     """Every finetune.eval_every epochs: top-1 on finetune.val of the model (and of its EMA when the
     objective keeps one), to TensorBoard (eval/val_top1, eval/val_top1_ema), the console and
@@ -68,7 +78,7 @@ class ValMonitor:
 
     @property
     def best(self):
-        return max(self.history, key=lambda r: max(r["top1"], r.get("top1_ema", -1)), default=None)
+        return best_record(self.history)
 
     def measure(self, step, epoch):
         """Measure, record and report; every rank must call it (it gathers). Returns the record."""
@@ -94,8 +104,7 @@ class ValMonitor:
         return record
 
     def _report(self, record, previous, models):
-        score = max(record["top1"], record.get("top1_ema", -1))
-        best = previous is None or score > max(previous["top1"], previous.get("top1_ema", -1))
+        best = previous is None or score(record) > score(previous)
         log.info("step %d  val top-1 %.2f %%%s%s", record["step"], record["top1"],
                  f" (EMA {record['top1_ema']:.2f} %)" if "top1_ema" in record else "", "  best so far" if best else "")
         write_json_atomic(self.run_dir / "val_history.json", self.history)
