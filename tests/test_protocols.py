@@ -313,8 +313,12 @@ def test_every_rank_measures_rank_0s_batchnorm_statistics(demo_shards, tmp_path)
                  for rank in (0, 1)]
     for process in processes:
         process.start()
-    outcomes = [results.get(timeout=120) for _ in processes]
-    for process in processes:
-        process.join(timeout=60)
+    try:
+        outcomes = [results.get(timeout=120) for _ in processes]
+    finally:  # a rank that hangs fails the test and does not outlive it
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
     reference = next(alone for _, alone in outcomes if alone is not None)
     assert [measured for measured, _ in outcomes] == [reference, reference]
