@@ -26,7 +26,10 @@ machine hits every contender alike.
 shard set, on one core (one process, one thread, the samples already in memory), decode + view img/s
 of the MAE view and MoCo v3 pairs/s (BYOL's two views), the bytes of the shards, and the PSNR of the
 views against those from the original shards with the same crop (drawn on the original, scaled to the
-resized image: the geometry of the view, its colour steps left out).
+resized image: the geometry of the view, its colour steps left out). The row "scaled decoding" is the
+original shards with data.scaled_decoding (the crop decodes the JPEG at 1/2, 1/4 or 1/8 scale where it
+can), its PSNR that of the same views, same seeds, from the full decode. --photo-size 1000x750 (say)
+measures larger originals; --img-size smaller views.
 """
 import argparse
 import json
@@ -49,7 +52,7 @@ from torchvision import transforms as T
 from bench.photos import cpu_count, make_photos, warm_page_cache
 from data_prep.manifest import Manifest
 from pretrain.data import make_loader
-from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, decode_image, make_view, normalize
+from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, EncodedImage, decode_image, make_view, normalize
 
 IMG = 224
 CONTENDERS = {
@@ -128,18 +131,39 @@ def shard_images(shards):
     return {json.loads(s["json"])["path"]: s["jpg"] for s in wds.tarfile_samples([{"url": u} for u in manifest.urls])}
 
 
-def per_core_rate(images, view_name):
-    """Images (or pairs) per second of decode + view on this one core."""
+def per_core_rate(images, view_name, img_size=IMG, read=decode_image):
+    """Images (or pairs) per second of decode + view on this one core (`read`: EncodedImage for scaled decoding)."""
     torch.set_num_threads(1)
-    view = make_view(view_name, IMG)
+    view = make_view(view_name, img_size)
     torch.manual_seed(0)
     started = time.perf_counter()
     for data in images:
-        view(decode_image(data))
+        view(read(data))
     return len(images) / (time.perf_counter() - started)
 
 
-def view_psnr(original, resized, scale, interpolation, seed=0):
+def scaled_decoding_psnr(images, view_name, img_size):
+    """Mean PSNR (dB) of the views with scaled decoding against the same views (same seeds) fully decoded,
+    over the views decoded at a reduced scale (the others are identical), and the fraction of images with
+    such a view."""
+    view, values, scaled = make_view(view_name, img_size), [], 0
+    for seed, data in enumerate(images):
+        torch.manual_seed(seed)
+        full = view(decode_image(data))
+        torch.manual_seed(seed)
+        encoded = EncodedImage(data)
+        reduced = view(encoded)
+        if not encoded._scaled:
+            continue
+        scaled += 1
+        for a, b in zip(*((v,) if torch.is_tensor(v) else v for v in (full, reduced))):
+            mse = torch.mean((a.double() - b.double()) ** 2).item()
+            if mse > 0:  # the view of a pair whose crop was decoded in full is identical: left out
+                values.append(10 * np.log10(255 ** 2 / mse))
+    return float(np.mean(values)) if values else float("nan"), scaled / len(images)
+
+
+def view_psnr(original, resized, scale, interpolation, img_size=IMG, seed=0):
     """Mean PSNR (dB) of random resized crops of the resized images against the same crops of the originals."""
     generator, values = torch.Generator().manual_seed(seed), []
     mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[interpolation]
@@ -149,7 +173,7 @@ def view_psnr(original, resized, scale, interpolation, seed=0):
         top, left, height, width = T.RandomResizedCrop.get_params(full, scale=scale, ratio=(3 / 4, 4 / 3))
         sy, sx = small.shape[1] / full.shape[1], small.shape[2] / full.shape[2]
         views = [v2.functional.resized_crop(image, round(t), round(l), max(1, round(h)), max(1, round(w)),
-                                            [IMG, IMG], interpolation=mode, antialias=True).double()
+                                            [img_size, img_size], interpolation=mode, antialias=True).double()
                  for image, (t, l, h, w) in ((full, (top, left, height, width)),
                                              (small, (top * sy, left * sx, height * sy, width * sx)))]
         mse = torch.mean((views[0] - views[1]) ** 2).item()
@@ -158,11 +182,12 @@ def view_psnr(original, resized, scale, interpolation, seed=0):
 
 
 def resized(args):
-    photos = args.data / f"photos{args.images}"
-    files = make_photos(photos, args.images)
+    size = "" if args.photo_size == "500x375" else f"_{args.photo_size}"
+    photos = args.data / f"photos{args.images}{size}"
+    files = make_photos(photos, args.images, size=tuple(map(int, args.photo_size.split("x"))))
     sets = {}
     for max_side in [0, *args.max_sides]:
-        shards = args.data / (f"photos{args.images}_shards" + (f"_max{max_side}" if max_side else ""))
+        shards = args.data / (f"photos{args.images}{size}_shards" + (f"_max{max_side}" if max_side else ""))
         if not (shards / "train.json").exists():
             extra = ["--max-side", str(max_side)] if max_side else []
             subprocess.run([sys.executable, "-m", "data_prep.shard", str(photos), str(shards), "--split", "train",
@@ -170,30 +195,41 @@ def resized(args):
                            capture_output=True)
         manifest = Manifest.load(shards / "train.json")
         sets[max_side] = (shard_images(shards), sum(s.bytes for s in manifest.shards))
+    sets["scaled decoding"] = sets[0]
+    readers = {key: EncodedImage if key == "scaled decoding" else decode_image for key in sets}
     rates = {key: {"mae": [], "byol": []} for key in sets}
-    per_core_rate(list(sets[0][0].values())[:50], "byol")  # warm-up: the first contender must not pay for it
+    per_core_rate(list(sets[0][0].values())[:50], "byol", args.img_size)  # warm-up: the first must not pay for it
     for _ in range(args.repeats):  # interleaved
         for key, (images, _) in sets.items():
             for view_name in ("mae", "byol"):
-                rates[key][view_name].append(per_core_rate(list(images.values()), view_name))
+                rates[key][view_name].append(per_core_rate(list(images.values()), view_name, args.img_size,
+                                                           readers[key]))
     original = sets[0][0]
     rows = {}
     for key, (images, size) in sets.items():
         mae, pairs = statistics.median(rates[key]["mae"]), statistics.median(rates[key]["byol"])
         rows[key] = {"max_side": key or "original", "megabytes": round(size / 1e6, 1), "mae_img_per_s": round(mae, 1),
                      "mocov3_pairs_per_s": round(pairs, 1)}
-        if key:
-            rows[key].update(mae_psnr_db=round(view_psnr(original, images, (0.2, 1.0), "bicubic"), 2),
-                             mocov3_psnr_db=round(view_psnr(original, images, (0.08, 1.0), "bilinear"), 2))
+        if key == "scaled decoding":
+            (mae_db, mae_share), (moco_db, moco_share) = (
+                scaled_decoding_psnr(list(images.values()), name, args.img_size) for name in ("mae", "byol"))
+            rows[key].update(mae_psnr_db=round(mae_db, 2), mocov3_psnr_db=round(moco_db, 2),
+                             mae_scaled_share=round(mae_share, 3), mocov3_scaled_share=round(moco_share, 3))
+        elif key:
+            rows[key].update(mae_psnr_db=round(view_psnr(original, images, (0.2, 1.0), "bicubic", args.img_size), 2),
+                             mocov3_psnr_db=round(view_psnr(original, images, (0.08, 1.0), "bilinear",
+                                                            args.img_size), 2))
     base = rows[0]
-    print(f"{'shards':<12}{'MB':>8}{'MAE img/s/core':>16}{'x':>6}{'MoCo pairs/s/core':>19}{'x':>6}"
+    print(f"{args.photo_size} photos, {args.img_size} px views")
+    print(f"{'shards':<16}{'MB':>8}{'MAE img/s/core':>16}{'x':>6}{'MoCo pairs/s/core':>19}{'x':>6}"
           f"{'MAE PSNR':>10}{'MoCo PSNR':>11}")
     for row in rows.values():
-        print(f"{str(row['max_side']):<12}{row['megabytes']:>8}{row['mae_img_per_s']:>16.0f}"
+        print(f"{str(row['max_side']):<16}{row['megabytes']:>8}{row['mae_img_per_s']:>16.0f}"
               f"{row['mae_img_per_s'] / base['mae_img_per_s']:>6.2f}{row['mocov3_pairs_per_s']:>19.0f}"
               f"{row['mocov3_pairs_per_s'] / base['mocov3_pairs_per_s']:>6.2f}"
               f"{row.get('mae_psnr_db', float('nan')):>10.2f}{row.get('mocov3_psnr_db', float('nan')):>11.2f}")
-    result = {"bench": "loader_resized", "images": len(files), "machine": f"{platform.machine()} {cpu_count()} CPUs",
+    result = {"bench": "loader_resized", "images": len(files), "photo_size": args.photo_size,
+              "img_size": args.img_size, "machine": f"{platform.machine()} {cpu_count()} CPUs",
               "torch": torch.__version__, "rows": list(rows.values()),
               "runs": {str(k): v for k, v in rates.items()}}
     print(json.dumps(result))
@@ -208,6 +244,8 @@ def main():
     parser.add_argument("--data", type=Path, default=Path("runs/bench"))
     parser.add_argument("--resized", action="store_true", help="original vs lg-shard --max-side shards, per core")
     parser.add_argument("--max-sides", type=int, nargs="+", default=[320, 384, 512])
+    parser.add_argument("--photo-size", default="500x375", help="--resized: WxH of the photographs")
+    parser.add_argument("--img-size", type=int, default=IMG, help="--resized: the views' size")
     args = parser.parse_args()
     if args.resized:
         return resized(args)

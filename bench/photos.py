@@ -14,8 +14,9 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistoche
 SIZE = (500, 375)
 
 
-def make_photos(root, count, seed=0):
-    """Write `count` JPEGs under root/<photo>/NNNNN.jpg unless they already exist; return the file list."""
+def make_photos(root, count, seed=0, size=SIZE):
+    """Write `count` JPEGs of `size` (w, h) under root/<photo>/NNNNN.jpg unless they already exist; return
+    the file list. Sizes above the source photographs' are upscaled: smoother than real photos of that size."""
     import skimage.data
 
     root = Path(root)
@@ -30,7 +31,7 @@ def make_photos(root, count, seed=0):
         crop_w = min(width, int(height * rng.uniform(0.4, 1.0) * 4 / 3))
         crop_h = crop_w * 3 // 4
         top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
-        image = Image.fromarray(photo[top:top + crop_h, left:left + crop_w]).resize(SIZE, Image.BICUBIC)
+        image = Image.fromarray(photo[top:top + crop_h, left:left + crop_w]).resize(size, Image.BICUBIC)
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ Both sides are ~4x cheaper per sample than the tarfile-based code in webdataset 
 bench/loader.py); the files stay standard tars that tar(1), tarfile and webdataset read.
 """
 import hashlib
+import json
 import os
 import tarfile
 
@@ -108,6 +109,19 @@ def _pax_records(data):
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+# Every member the training loader reads; it never reads others (a .pyd or .pickle is never unpickled).
+LOADED_EXTENSIONS = (*IMAGE_EXTENSIONS, "cls", "json")
+
+
+def label_of(sample):
+    """A sample's label: its cls member, or else the "label" of its json (how some shards carry it)."""
+    if "cls" in sample:
+        return int(sample["cls"])
+    if "json" in sample:
+        return int(json.loads(sample["json"])["label"])
+    raise KeyError(f"sample {sample.get('__key__')} has no cls member and no json")
+
+
 def image_bytes(sample):
     """The encoded image of a sample: its member named jpg, jpeg, png or webp (the first present)."""
     for extension in IMAGE_EXTENSIONS:
@@ -124,7 +138,8 @@ def read_shard(path, select=None, stream=None):
     at `path`. Members that `select(name)` rejects are skipped without being read (read past, on a
     stream). PAX and GNU long-name headers (which webdataset's writer emits) are understood. A corrupt
     header or a truncated file (one that ends before the archive's end marker) raises
-    `tarfile.ReadError` after the complete samples.
+    `tarfile.ReadError` after the complete samples. A stream is read to its end, past the end marker,
+    so that a HashingReader's digest is the whole file's.
     """
     sample, override, position = None, {}, 0
 
@@ -184,5 +199,8 @@ def read_shard(path, select=None, stream=None):
                     yield sample
                 sample = {"__key__": key, "__url__": str(path)}
             sample[extension.lower()] = data
+        if not seekable:  # read the stream to its end (the record's padding): its digest is the file's
+            while f.read(1 << 16):
+                pass
     if sample is not None:
         yield sample

@@ -56,12 +56,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.locations import HashingReader, is_url, open_location
 from data_prep.manifest import Manifest, sha256_of_file
-from data_prep.shard_tar import IMAGE_EXTENSIONS, image_bytes, read_shard
+from data_prep.shard_tar import LOADED_EXTENSIONS, image_bytes, label_of, read_shard
 from pretrain.errors import UserError
-from pretrain.views import decode_image, make_view
+from pretrain.views import EncodedImage, decode_image, make_view, takes_encoded
 
 log = logging.getLogger(__name__)
-MEMBERS = tuple(f".{extension}" for extension in (*IMAGE_EXTENSIONS, "cls", "json"))
+MEMBERS = tuple(f".{extension}" for extension in LOADED_EXTENSIONS)
 MODES = ("epoch", "resampled")
 
 
@@ -255,14 +255,15 @@ class ShardLoader:
 
     A batch is a dict: "images" (uint8 NCHW tensor, or a list of them for multi-view methods; convert
     with `pretrain.views.normalize` on the device), "labels", "keys" (the samples' shard keys),
-    "bad_samples" (samples of this batch that did not decode and were replaced), "lost_samples"
+    "bad_samples" (samples of this batch that did not decode and were replaced; "replaced" marks their
+    positions, which evaluation leaves out), "lost_samples"
     (samples that shards read for it ended without: truncated, unreadable or failing their checksum) and
     "skipped_shards" (shards skipped for their checksum; see ShardTally).
     """
 
     def __init__(self, manifest, batch_size, view="eval", img_size=224, mode="epoch", num_workers=2, seed=0,
                  rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False,
-                 max_bad_shards=16, verify_shards=True, url_retries=3, url_backoff=1.0):
+                 max_bad_shards=16, verify_shards=True, url_retries=3, url_backoff=1.0, scaled_decoding=False):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.listed = dict(zip(self.manifest.urls, self.manifest.shards))
         self.max_bad_shards, self.verify_shards = max_bad_shards, verify_shards
@@ -280,6 +281,7 @@ class ShardLoader:
         self.batch_size, self.mode, self.num_workers, self.seed = batch_size, mode, num_workers, seed
         self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = rank, world_size, shuffle_buffer, pin_memory
         self.view = make_view(view, img_size)
+        self.scaled_decoding = scaled_decoding and takes_encoded(self.view)
         self.readers_per_rank = max(1, num_workers)
         self.bad_samples = self.lost_samples = self.skipped_shards = 0
         self._check_shards()
@@ -319,29 +321,35 @@ class ShardLoader:
 
     def make_batch(self, raw_batch, seed_base):
         """Decode and augment a list of raw samples; replace the ones that fail (see module doc)."""
-        decoded = []
-        for sample in raw_batch:
+        # With scaled decoding the view decodes (at the scale its crop needs), so a sample may fail there too.
+        read = EncodedImage if self.scaled_decoding else decode_image
+        decoded, views = [None] * len(raw_batch), [None] * len(raw_batch)
+        for position, sample in enumerate(raw_batch):
             try:
-                decoded.append((decode_image(image_bytes(sample)), int(sample["cls"])))
+                image, label = read(image_bytes(sample)), label_of(sample)
+                views[position], decoded[position] = self.view_of(image, seed_base, position), (image, label)
             except Exception as error:  # a corrupt sample must not stop training
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
-                decoded.append(None)
         good = [i for i, item in enumerate(decoded) if item is not None]
+        labels = [item[1] if item else None for item in decoded]
         if not good:
             urls = sorted({sample.get("__url__") for sample in raw_batch})
             raise RuntimeError(f"no sample of a batch decodes (shards {', '.join(map(str, urls))}); run lg-verify")
-        views, labels = [], []
-        for position, item in enumerate(decoded):
-            image, label = item or decoded[next((i for i in good if i > position), good[0])]
-            torch.default_generator.manual_seed(mix_seed(*seed_base, position))
-            views.append(self.view(image))
-            labels.append(label)
+        for position in range(len(raw_batch)):
+            if views[position] is None:  # another view of the next good sample, drawn with this position's seed
+                image, labels[position] = decoded[next((i for i in good if i > position), good[0])]
+                views[position] = self.view_of(image, seed_base, position)
         if isinstance(views[0], torch.Tensor):
             images = stack_images(views)
         else:
             images = [stack_images(group) for group in zip(*views)]
+        replaced = torch.tensor([item is None for item in decoded])
         return {"images": images, "labels": torch.tensor(labels), "keys": [s["__key__"] for s in raw_batch],
-                "bad_samples": len(raw_batch) - len(good)}
+                "bad_samples": len(raw_batch) - len(good), "replaced": replaced}
+
+    def view_of(self, image, seed_base, position):
+        torch.default_generator.manual_seed(mix_seed(*seed_base, position))
+        return self.view(image)
 
     def epoch(self, epoch, start_step=0):
         """Iterate the batches of `epoch` from `start_step` on."""

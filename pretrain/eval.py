@@ -76,9 +76,10 @@ def extract_features(encoder, manifest, img_size, pools=("token",), layers=(-1,)
     for batch in batches:
         with block_tokens(encoder) as per_block:
             last = encoder.forward_features(normalize(batch["images"]))
+        kept = ~batch["replaced"]  # a sample that did not decode is left out, not scored as another's copy
         for (pool, layer), store in features.items():
-            store.append(pool_tokens(encoder, last if layer < 0 else per_block[layer], pool).float())
-        labels.append(batch["labels"])
+            store.append(pool_tokens(encoder, last if layer < 0 else per_block[layer], pool).float()[kept])
+        labels.append(batch["labels"][kept])
     return {key: torch.cat(store) for key, store in features.items()}, torch.cat(labels)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import Manifest
-from data_prep.shard_tar import image_bytes
+from data_prep.shard_tar import image_bytes, label_of
 from pretrain.data import shard_samples
 from pretrain.distributed import gathered, is_distributed, rank, world_size
 from pretrain.errors import UserError
@@ -35,10 +35,10 @@ def load_share(manifest, img_size, per_class=0, rank_=0, world=1):
     cap = math.ceil(per_class / world) if per_class else None
     view, images, labels, taken, bad = eval_view(img_size), [], [], {}, 0
     for sample in shard_samples({"url": url} for url in manifest.urls[rank_::world]):
-        label = int(sample["cls"])
-        if cap is not None and taken.get(label, 0) >= cap:
-            continue
         try:
+            label = label_of(sample)
+            if cap is not None and taken.get(label, 0) >= cap:
+                continue
             images.append(view(decode_image(image_bytes(sample))))
         except Exception as error:  # counted and reported, never fatal for a monitor
             log.warning("kNN monitor: skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"),

@@ -36,7 +36,8 @@ def top1_counts(models, manifest, batch_size, img_size, num_workers, device, bf1
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
         for batch in tqdm(loader.epoch(0), total=loader.num_batches(0), desc="val", unit="batch",
                           disable=rank() > 0):
-            images, labels = normalize(batch["images"], device), batch["labels"].to(device)
+            kept = ~batch["replaced"]  # samples that did not decode are left out, not counted as copies
+            images, labels = normalize(batch["images"][kept], device), batch["labels"][kept].to(device)
             with autocast:
                 for index, model in enumerate(models):
                     counts[index] += int((model(images).argmax(dim=1) == labels).sum())

@@ -51,6 +51,66 @@ def decode_image(data):
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+class EncodedImage:
+    """An image not decoded yet: its bytes and its size, read from the header. A view's crop
+    (DecodingResizedCrop) decodes it, and a JPEG whose crop is downscaled by 2, 4 or 8 or more at that
+    scale: libjpeg's DCT-domain scaling (PIL's `draft`) skips most of the decoding's work and gives nearly
+    the pixels of a full decode. The crop is drawn on the full size first, from the same generator, so
+    the random stream, and with it exact resume, is what it is with full decoding."""
+
+    def __init__(self, data):
+        self.data = data
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            self.width, self.height = image.size
+            self.is_jpeg = image.format == "JPEG"
+        self._full, self._scaled = None, {}
+
+    def full(self):
+        """The whole image at its size (decoded once)."""
+        if self._full is None:
+            self._full = decode_image(self.data)
+        return self._full
+
+    def resized_crop(self, top, left, height, width, size, interpolation):
+        """The box (top, left, height, width) of the full image resized to `size` (h, w), as a uint8 CHW
+        tensor; decoded at the smallest JPEG scale that still has `size` pixels across the box."""
+        factor = max((f for f in (8, 4, 2) if height >= f * size[0] and width >= f * size[1]), default=1)
+        if factor == 1 or not self.is_jpeg:
+            return v2.functional.resized_crop(self.full(), top, left, height, width, list(size),
+                                              interpolation=interpolation, antialias=True)
+        if factor not in self._scaled:  # decoded once per scale: the views of a pair often share one
+            with Image.open(io.BytesIO(self.data)) as image:
+                drafted = image.draft("RGB", (self.width // factor, self.height // factor))
+                self._scaled[factor] = (image.convert("RGB"), self.width / drafted[1][2] if drafted else 1.0)
+        image, scale = self._scaled[factor]  # scale: what libjpeg did (1 where PIL could not draft)
+        box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+        crop = image.resize((size[1], size[0]), PIL_INTERPOLATIONS[interpolation], box=box)
+        return torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous()
+
+
+class DecodingResizedCrop(v2.RandomResizedCrop):
+    """torchvision's RandomResizedCrop that also takes an EncodedImage and decodes only what the crop needs.
+    On a tensor it is RandomResizedCrop itself; on an EncodedImage it draws the same crop (the same calls
+    on the generator, for the full size) and has the image decode it."""
+
+    def forward(self, *inputs):
+        image = inputs[0] if len(inputs) == 1 else None
+        if not isinstance(image, EncodedImage):
+            return super().forward(*inputs)
+        box = self.make_params([torch.empty(1, 1, 1).expand(3, image.height, image.width)])
+        return image.resized_crop(box["top"], box["left"], box["height"], box["width"], self.size,
+                                  self.interpolation)
+
+
+def takes_encoded(view):
+    """Whether `view` may be given an EncodedImage: a Compose that starts with a DecodingResizedCrop, or a
+    view of several whose `parts` (what sees the image first) all may."""
+    if isinstance(view, v2.Compose):
+        return bool(view.transforms) and isinstance(view.transforms[0], DecodingResizedCrop)
+    parts = getattr(view, "parts", None)
+    return bool(parts) and all(takes_encoded(part) for part in parts)
+
+
 def eval_view(img_size):
     """Deterministic: resize the short side, center crop."""
     return v2.Compose([
@@ -64,8 +124,8 @@ def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment="rand-m9-mst
     pretrain/methods/finetune.py): random resized crop (min_scale-100 %), horizontal flip and timm's
     RandAugment of spec `rand_augment` with MAE's hparams (empty: off). Also the linear probes' view,
     with RandAugment off."""
-    steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation],
-                                  antialias=True)]
+    steps = [DecodingResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation],
+                                 antialias=True)]
     steps += [v2.RandomHorizontalFlip()] if flip else []
     steps += [TimmRandAugment(rand_augment, img_size, interpolation)] if rand_augment else []
     return v2.Compose(steps)
@@ -174,12 +234,13 @@ def cmae_recipe():
 
 
 INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": BICUBIC}
+PIL_INTERPOLATIONS = {v2.InterpolationMode.BILINEAR: Image.BILINEAR, BICUBIC: Image.BICUBIC}
 
 
 def random_crop(img_size, view):
-    return v2.RandomResizedCrop(img_size, scale=(view.min_scale, view.max_scale),
-                                ratio=(view.min_ratio, view.max_ratio),
-                                interpolation=INTERPOLATIONS[view.interpolation], antialias=True)
+    return DecodingResizedCrop(img_size, scale=(view.min_scale, view.max_scale),
+                               ratio=(view.min_ratio, view.max_ratio),
+                               interpolation=INTERPOLATIONS[view.interpolation], antialias=True)
 
 
 def colour(view):
@@ -211,6 +272,7 @@ class TwoViews:
 
     def __init__(self, first, second):
         self.first, self.second = first, second
+        self.parts = (first, second)
 
     def __call__(self, image):
         return self.first(image), self.second(image)
@@ -239,6 +301,7 @@ class SharedCrop:
 
     def __init__(self, geometry, first, second):
         self.geometry, self.first, self.second = geometry, first, second
+        self.parts = (geometry,)
 
     def __call__(self, image):
         image = self.geometry(image)
@@ -258,6 +321,7 @@ class PixelShift:
 
     def __init__(self, master, img_size):
         self.master = master
+        self.parts = (master,)
         self.crop = v2.RandomCrop(img_size)
 
     def __call__(self, image):
@@ -275,7 +339,7 @@ class ViewSet:
     """Several views of one image, each from its own augmentation (a tuple, flattened)."""
 
     def __init__(self, *augmentations):
-        self.augmentations = augmentations
+        self.augmentations = self.parts = augmentations
 
     def __call__(self, image):
         views = []

@@ -122,12 +122,12 @@ def test_finetune_groups_decay_the_learning_rate_by_depth():
 
 def test_finetune_augmentation_follows_the_config():
     mild = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"]))
-    assert [type(t).__name__ for t in make_view(mild.view, 32).transforms] == ["RandomResizedCrop"]
+    assert [type(t).__name__ for t in make_view(mild.view, 32).transforms] == ["DecodingResizedCrop"]
     full = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", [
         "finetune.num_classes=10", "finetune.flip=true", "finetune.rand_augment=rand-m9-mstd0.5-inc1",
         "finetune.min_scale=0.08"]))
     transforms = make_view(full.view, 32).transforms
-    assert [type(t).__name__ for t in transforms] == ["RandomResizedCrop", "RandomHorizontalFlip", "TimmRandAugment"]
+    assert [type(t).__name__ for t in transforms] == ["DecodingResizedCrop", "RandomHorizontalFlip", "TimmRandAugment"]
     assert transforms[0].scale == (0.08, 1.0) and transforms[0].interpolation == InterpolationMode.BICUBIC
     with pytest.raises(UserError, match="finetune.pool"):
         load_config(None, ["finetune.pool=max"])

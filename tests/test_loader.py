@@ -56,7 +56,8 @@ def assert_same_batches(expected, actual):
     assert len(expected) == len(actual)
     for a, b in zip(expected, actual):
         assert a["keys"] == b["keys"]
-        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert all(map(torch.equal, *((x,) if torch.is_tensor(x) else x for x in (a["images"], b["images"]))))
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
@@ -140,7 +141,8 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     loader = make_loader(make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=2, rank=0, world_size=1)
     batches = epoch_batches(loader)
     assert sum(len(b["keys"]) for b in batches) == 8
-    assert set(batches[0]) == {"images", "labels", "keys", "bad_samples", "lost_samples", "skipped_shards"}
+    assert set(batches[0]) == {"images", "labels", "keys", "bad_samples", "replaced", "lost_samples",
+                               "skipped_shards"}
     assert not marker.exists()
 
 
@@ -153,6 +155,25 @@ def test_undecodable_sample_is_replaced_and_counted(tmp_path):
     batches = epoch_batches(loader)
     assert [b["images"].shape[0] for b in batches] == [4, 4]
     assert sum(b["bad_samples"] for b in batches) == 1 == loader.bad_samples
+    assert [b["keys"][i] for b in batches for i in b["replaced"].nonzero().flatten().tolist()] == ["12"]
+
+
+def test_scaled_decoding_resumes_exactly_and_counts_a_jpeg_that_breaks_off(tmp_path):
+    """The view decodes, at 1/2 or 1/4 scale here (128x96 images, 32 px views): a JPEG whose header reads
+    but whose data ends early fails there, and is replaced and counted as one that fails to decode is."""
+    whole = jpeg_bytes(size=(128, 96), seed=7)
+    shards = [write_shard(tmp_path / f"train-{i:06d}.tar",
+                          [sample(f"{i}{j}", label=j % 2, image=whole[:len(whole) // 2] if (i, j) == (1, 2) else
+                                  jpeg_bytes(size=(128, 96), seed=10 * i + j)) for j in range(8)]) for i in range(2)]
+    options = dict(view="byol", img_size=IMG, mode="epoch", num_workers=2, rank=0, world_size=1, seed=1)
+    scaled = make_loader(make_manifest(tmp_path, shards), 2, scaled_decoding=True, **options)
+    full = make_loader(make_manifest(tmp_path, shards), 2, **options)
+    batches = epoch_batches(scaled)
+    assert sum(b["bad_samples"] for b in batches) == 1 == scaled.bad_samples
+    assert_same_batches(batches[3:], epoch_batches(scaled, start_step=3))
+    reference = epoch_batches(full)
+    assert [b["keys"] for b in reference] == [b["keys"] for b in batches]
+    assert any(not torch.equal(a, b) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"]))
 
 
 def test_a_batch_with_no_decodable_sample_is_an_error(tmp_path):

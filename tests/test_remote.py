@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
+from data_prep.locations import HashingReader, open_location
 from data_prep.manifest import Manifest
+from data_prep.shard_tar import read_shard
 from pretrain.data import DataUnavailable, make_loader
 from tests.conftest import run_cli
 
@@ -96,6 +98,14 @@ def test_shards_from_urls_give_the_batches_of_the_files(demo_shards, served, tmp
     assert loader.lost_samples == loader.skipped_shards == 0
     epoch = make_loader(remote, 32, view="eval", img_size=32, mode="epoch", num_workers=2, rank=0, world_size=1)
     assert sum(len(b["labels"]) for b in epoch.epoch(0)) == Manifest.load(remote).num_samples  # every image once
+
+
+def test_a_streamed_shard_hashes_to_the_files_digest(demo_shards, served):
+    """read_shard reads a stream past the end-of-archive marker to its end: the digest is the file's."""
+    for shard in Manifest.load(demo_shards / "train.json").shards[:3]:
+        reader = HashingReader(open_location(f"{served}/{shard.name}"))
+        assert sum(1 for _ in read_shard(shard.name, stream=reader)) == shard.num_samples
+        assert (reader.sha256.hexdigest(), reader.bytes) == (shard.sha256, shard.bytes)
 
 
 def test_a_shard_that_breaks_off_is_retried_and_read_exactly_once(demo_shards, tmp_path, caplog):

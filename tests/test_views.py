@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from pretrain.views import VIEWS, PixelShift, SharedCrop, decode_image, make_view
+from pretrain.views import VIEWS, EncodedImage, PixelShift, SharedCrop, decode_image, make_view, takes_encoded
 from tests.conftest import jpeg_bytes
 
 
@@ -135,7 +135,7 @@ def test_view_config_reaches_the_transforms():
                                 "moco.view2.interpolation=bicubic"])
     first, second = make_view(build_objective(config).view, 32).first.transforms, \
         make_view(build_objective(config).view, 32).second.transforms
-    assert [type(t).__name__ for t in first] == ["RandomResizedCrop", "Compose"], "no flip in view 1"
+    assert [type(t).__name__ for t in first] == ["DecodingResizedCrop", "Compose"], "no flip in view 1"
     assert first[0].scale == (0.5, 1.0) and first[0].ratio == (0.75, 1.0)
     crop, colour, flip = second
     assert crop.interpolation == v2.InterpolationMode.BICUBIC and isinstance(flip, v2.RandomHorizontalFlip)
@@ -145,7 +145,7 @@ def test_view_config_reaches_the_transforms():
     plain = load_config(None, ["method=mocov3", *TINY, "moco.view1.jitter_p=0", "moco.view1.grayscale_p=0",
                                "moco.view1.blur_p=0"])
     assert [type(t).__name__ for t in make_view(build_objective(plain).view, 32).first.transforms] == \
-        ["RandomResizedCrop", "RandomHorizontalFlip"], "no colour step at all: no PIL round trip"
+        ["DecodingResizedCrop", "RandomHorizontalFlip"], "no colour step at all: no PIL round trip"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -163,3 +163,47 @@ def test_bad_view_values_are_named_errors(override, message):
 
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
+
+
+def smooth_jpeg(size=(512, 384)):
+    """A photo-like JPEG (smooth colour waves): what scaled decoding is measured on."""
+    y, x = np.mgrid[0:size[1], 0:size[0]] / 40.0
+    pixels = np.stack([np.sin(x + y), np.cos(0.7 * x - y), np.sin(0.5 * x * y / 10)], -1) * 110 + 128
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_only_views_that_start_with_a_random_crop_take_encoded_images():
+    assert {name: takes_encoded(make_view(name, 32)) for name in VIEWS} == {
+        **{name: True for name in VIEWS}, "eval": False}
+
+
+@pytest.mark.parametrize("name", ["mae", "byol"])
+def test_scaled_decoding_draws_the_same_crops_and_nearly_the_same_pixels(name):
+    data, view, scaled = smooth_jpeg(), make_view(name, 64), 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        full = view(decode_image(data))
+        after_full = torch.rand(4)
+        torch.manual_seed(seed)
+        encoded = EncodedImage(data)
+        reduced = view(encoded)
+        assert torch.equal(torch.rand(4), after_full), "the same draws from the generator, crop and colour"
+        scaled += bool(encoded._scaled)
+        for a, b in zip(*((v,) if torch.is_tensor(v) else v for v in (full, reduced))):
+            assert a.shape == b.shape == (3, 64, 64) and b.dtype == torch.uint8
+            mse = torch.mean((a.double() - b.double()) ** 2).item()
+            assert 10 * np.log10(255 ** 2 / max(mse, 1e-10)) > 35, f"seed {seed}"
+    assert scaled >= 6, "most crops of a 512x384 image downscale to 64 px by 2x or more"
+
+
+def test_scaled_decoding_leaves_small_crops_and_other_formats_to_the_full_decode():
+    png = jpeg_bytes(size=(256, 192), fmt="PNG")
+    view = make_view("mae", 32)
+    for data in (png, jpeg_bytes(size=(40, 30))):
+        torch.manual_seed(0)
+        full = view(decode_image(data))
+        torch.manual_seed(0)
+        encoded = EncodedImage(data)
+        assert torch.equal(view(encoded), full) and not encoded._scaled
