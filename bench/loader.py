@@ -2,6 +2,7 @@
 
     python -m bench.loader [--images 3000] [--workers 2] [--batch-size 64] [--repeats 3]
     python -m bench.loader --resized [--max-sides 320 384 512] [--images 3000] [--repeats 3]
+    python -m bench.loader --streaming [--images 3000] [--workers 2] [--repeats 3]
 
 All contenders read the same full-size JPEGs (bench/photos.py), from the page cache, with the MAE
 augmentation at 224 px (RandomResizedCrop(0.2-1, bicubic) + flip) and the same number of processes:
@@ -30,6 +31,9 @@ resized image: the geometry of the view, its colour steps left out). The row "sc
 original shards with data.scaled_decoding (the crop decodes the JPEG at 1/2, 1/4 or 1/8 scale where it
 can), its PSNR that of the same views, same seeds, from the full decode. --photo-size 1000x750 (say)
 measures larger originals; --img-size smaller views.
+
+--streaming: (b) from the files and from the same shards served by a loopback HTTP server (http.server in
+a subprocess; webdataset's opener, curl, reads them), interleaved.
 """
 import argparse
 import json
@@ -235,6 +239,55 @@ def resized(args):
     print(json.dumps(result))
 
 
+def streaming(args):
+    """Our loader on the same shards from local files and from a loopback HTTP server (Python's
+    http.server in a subprocess), interleaved; img/s after the first batch."""
+    import socket
+
+    photos, shards = args.data / f"photos{args.images}", args.data / f"photos{args.images}_shards"
+    make_photos(photos, args.images)
+    if not (shards / "train.json").exists():
+        subprocess.run([sys.executable, "-m", "data_prep.shard", str(photos), str(shards), "--split", "train",
+                        "--layout", "imagefolder", "--max-per-shard", "100"], check=True, capture_output=True)
+    warm_page_cache(shards.glob("*.tar"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(shards)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        manifest = Manifest.load(shards / "train.json")
+        for shard in manifest.shards:
+            shard.name = f"http://127.0.0.1:{port}/{shard.name}"
+        remote = args.data / f"photos{args.images}_urls"
+        remote.mkdir(exist_ok=True)
+        manifest.save(remote / "train.json")
+        runs = {"local": [], "http": []}
+        for _ in range(args.repeats):
+            for name, where in (("local", shards), ("http", remote)):
+                runs[name].append(ours(None, args.workers, args.batch_size, where)[0])
+    finally:
+        server.kill()
+        server.wait()
+    median = {name: statistics.median(values) for name, values in runs.items()}
+    print(f"{'shards':<10}{'img/s':>8}{'x local':>9}   runs")
+    for name, values in runs.items():
+        print(f"{name:<10}{median[name]:>8.0f}{median[name] / median['local']:>9.2f}   "
+              + ", ".join(f"{v:.0f}" for v in values))
+    print(json.dumps({"bench": "loader_streaming", "images": args.images, "workers": args.workers,
+                      "machine": f"{platform.machine()} {cpu_count()} CPUs", "img_per_s": median, "runs": runs,
+                      "http_vs_local": round(median["http"] / median["local"], 3), "target": 0.9}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=3000)
@@ -243,12 +296,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path("runs/bench"))
     parser.add_argument("--resized", action="store_true", help="original vs lg-shard --max-side shards, per core")
+    parser.add_argument("--streaming", action="store_true", help="our loader from files vs from a loopback HTTP server")
     parser.add_argument("--max-sides", type=int, nargs="+", default=[320, 384, 512])
     parser.add_argument("--photo-size", default="500x375", help="--resized: WxH of the photographs")
     parser.add_argument("--img-size", type=int, default=IMG, help="--resized: the views' size")
     args = parser.parse_args()
     if args.resized:
         return resized(args)
+    if args.streaming:
+        return streaming(args)
     photos, shards = args.data / f"photos{args.images}", args.data / f"photos{args.images}_shards"
     files = make_photos(photos, args.images)
     if not (shards / "train.json").exists():
