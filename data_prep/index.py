@@ -27,7 +27,7 @@ from webdataset.shardlists import expand_urls
 
 from data_prep.locations import HashingReader, is_url, open_location
 from data_prep.manifest import Manifest, ShardInfo, sha256_of_file
-from data_prep.shard_tar import IMAGE_EXTENSIONS, LOADED_EXTENSIONS, label_of, read_shard
+from data_prep.shard_tar import IMAGE_EXTENSIONS, is_loaded_member, label_of, read_shard
 from pretrain.errors import UserError, cli_entry
 
 MAX_LISTED = 1000  # odd samples listed in the manifest by name; the rest are counted
@@ -94,7 +94,7 @@ def index_shard(location):
 
 
 def _note_member(name, other):
-    if name.endswith(tuple(f".{extension}" for extension in LOADED_EXTENSIONS)):
+    if is_loaded_member(name):
         return True
     other[name.rpartition(".")[2].lower()] += 1
     return False

@@ -111,6 +111,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # Every member the training loader reads; it never reads others (a .pyd or .pickle is never unpickled).
 LOADED_EXTENSIONS = (*IMAGE_EXTENSIONS, "cls", "json")
+_LOADED_SUFFIXES = tuple(f".{extension}" for extension in LOADED_EXTENSIONS)
+
+
+def is_loaded_member(name):
+    """Whether the training loader reads tar member `name` (a select for read_shard)."""
+    return name.endswith(_LOADED_SUFFIXES)
 
 
 def label_of(sample):

@@ -69,9 +69,9 @@ class DataConfig:
     # 1, 2, 4 ... s apart, before the run stops with an error naming it.
     url_retries: int = 3
     # Let a view's random crop decode its JPEG at 1/2, 1/4 or 1/8 scale when the crop is downscaled at
-    # least that much (libjpeg's DCT scaling, through PIL): nearly the same pixels (45 dB), less decoding.
-    # Off: it pays only for large originals (2000x1500 at 224 px: 1.7x the MAE view); on ImageNet-sized
-    # JPEGs it never applies at 224 px and costs up to 25 % at smaller sizes (PIL's resize; BENCHMARKS.md).
+    # least that much (libjpeg's DCT scaling, through PIL): nearly the same pixels (47-52 dB), less decoding.
+    # Off: it pays only for large originals (2000x1500 at 224 px: 1.49x the MAE view); on ImageNet-sized
+    # JPEGs it never applies at 224 px and costs up to 23 % at smaller sizes (PIL's resize; BENCHMARKS.md).
     scaled_decoding: bool = False
 
 

@@ -56,12 +56,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.locations import HashingReader, is_url, open_location
 from data_prep.manifest import Manifest, sha256_of_file
-from data_prep.shard_tar import LOADED_EXTENSIONS, image_bytes, label_of, read_shard
+from data_prep.shard_tar import image_bytes, is_loaded_member, label_of, read_shard
 from pretrain.errors import UserError
 from pretrain.views import EncodedImage, decode_image, make_view, takes_encoded
 
 log = logging.getLogger(__name__)
-MEMBERS = tuple(f".{extension}" for extension in LOADED_EXTENSIONS)
 MODES = ("epoch", "resampled")
 
 
@@ -69,10 +68,6 @@ def mix_seed(*values):
     """A well-mixed 63-bit seed from integers (webdataset's make_seed collides for (1, 0) and (0, 31))."""
     data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def _wanted_member(name):
-    return name.endswith(MEMBERS)
 
 
 class DataUnavailable(RuntimeError):
@@ -141,7 +136,7 @@ def url_samples(url, tally):
     for attempt in range(tally.url_retries + 1):
         try:
             reader = HashingReader(open_location(url))
-            for index, sample in enumerate(read_shard(url, select=_wanted_member, stream=reader)):
+            for index, sample in enumerate(read_shard(url, select=is_loaded_member, stream=reader)):
                 if index >= delivered:  # the samples of an earlier attempt are read past, not repeated
                     delivered += 1
                     yield sample
@@ -173,7 +168,7 @@ def shard_samples(shards, tally=None):
         try:
             error = tally.problem_with(url)
             if error is None:
-                for sample in read_shard(url, select=_wanted_member):
+                for sample in read_shard(url, select=is_loaded_member):
                     count += 1
                     yield sample
         except (OSError, tarfile.TarError, ValueError) as exc:
