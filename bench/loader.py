@@ -29,7 +29,10 @@ of the MAE view and MoCo v3 pairs/s (BYOL's two views), the bytes of the shards,
 views against those from the original shards with the same crop (drawn on the original, scaled to the
 resized image: the geometry of the view, its colour steps left out). The row "scaled decoding" is the
 original shards with data.scaled_decoding (the crop decodes the JPEG at 1/2, 1/4 or 1/8 scale where it
-can), its PSNR that of the same views, same seeds, from the full decode. --photo-size 1000x750 (say)
+can), its PSNR that of the same views, same seeds, from the full decode. MoCo pairs are timed three
+ways: PIL colour steps (the official ops, data.colour_ops: pil), data.colour_ops: tensor (our float
+implementation, pretrain/colour_ops.py), and, on the original shards, torchvision's own tensor ops on uint8;
+the PSNR of the tensor pair against the PIL pair on the same seeds is printed with it. --photo-size 1000x750 (say)
 measures larger originals; --img-size smaller views.
 
 --streaming: (b) from the files and from the same shards served by a loopback HTTP server (http.server in
@@ -56,7 +59,8 @@ from torchvision import transforms as T
 from bench.photos import cpu_count, make_photos, warm_page_cache
 from data_prep.manifest import Manifest
 from pretrain.data import make_loader
-from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, EncodedImage, decode_image, make_view, normalize
+from pretrain.views import (IMAGENET_MEAN, IMAGENET_STD, EncodedImage, TwoViews, byol_recipe, decode_image, make_view,
+                            normalize, random_crop)
 
 IMG = 224
 CONTENDERS = {
@@ -135,10 +139,29 @@ def shard_images(shards):
     return {json.loads(s["json"])["path"]: s["jpg"] for s in wds.tarfile_samples([{"url": u} for u in manifest.urls])}
 
 
-def per_core_rate(images, view_name, img_size=IMG, read=decode_image):
+def torchvision_tensor_pair(img_size):
+    """BYOL's pair with torchvision's own tensor colour ops on uint8 (ColorJitter, RandomGrayscale,
+    GaussianBlur with a 13-tap kernel, 3 sigma at sigma 2, RandomSolarize): the library's way, against which
+    our float implementation (data.colour_ops: tensor) is measured."""
+    def pipeline(view):
+        colour = v2.Compose([
+            v2.RandomApply([v2.ColorJitter(*view.jitter)], p=view.jitter_p),
+            v2.RandomGrayscale(p=view.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(13, sigma=tuple(view.blur_sigma))], p=view.blur_p),
+            v2.RandomSolarize(threshold=128, p=view.solarize_p)])
+        return v2.Compose([random_crop(img_size, view), colour, v2.RandomHorizontalFlip()])
+    return TwoViews(pipeline(byol_recipe()), pipeline(byol_recipe(second=True)))
+
+
+# The contenders of the per-core rates: (view, how its colour steps are computed).
+PER_CORE = {"mae": ("mae", "pil"), "byol": ("byol", "pil"), "byol_tensor": ("byol", "tensor"),
+            "byol_torchvision": (torchvision_tensor_pair, "pil")}
+
+
+def per_core_rate(images, view_name, img_size=IMG, read=decode_image, colour_ops="pil"):
     """Images (or pairs) per second of decode + view on this one core (`read`: EncodedImage for scaled decoding)."""
     torch.set_num_threads(1)
-    view = make_view(view_name, img_size)
+    view = make_view(view_name, img_size, colour_ops)
     torch.manual_seed(0)
     started = time.perf_counter()
     for data in images:
@@ -165,6 +188,23 @@ def scaled_decoding_psnr(images, view_name, img_size):
             if mse > 0:  # the view of a pair whose crop was decoded in full is identical: left out
                 values.append(10 * np.log10(255 ** 2 / mse))
     return float(np.mean(values)) if values else float("nan"), scaled / len(images)
+
+
+def colour_ops_psnr(images, img_size):
+    """PSNR (dB, of the mean squared error over all views) of BYOL's pair with data.colour_ops: tensor against
+    the same pair (same seeds) with the PIL colour steps, and whether both left the random generator in the
+    same state after every image."""
+    pil, tensor = make_view("byol", img_size, "pil"), make_view("byol", img_size, "tensor")
+    errors, same_draws = [], True
+    for seed, data in enumerate(images):
+        image, pairs, states = decode_image(data), [], []
+        for view in (pil, tensor):
+            torch.default_generator.manual_seed(seed)
+            pairs.append(view(image))
+            states.append(torch.get_rng_state())
+        same_draws &= torch.equal(*states)
+        errors += [torch.mean((a.double() - b.double()) ** 2).item() for a, b in zip(*pairs)]
+    return float(10 * np.log10(255 ** 2 / np.mean(errors))), same_draws
 
 
 def view_psnr(original, resized, scale, interpolation, img_size=IMG, seed=0):
@@ -201,19 +241,21 @@ def resized(args):
         sets[max_side] = (shard_images(shards), sum(s.bytes for s in manifest.shards))
     sets["scaled decoding"] = sets[0]
     readers = {key: EncodedImage if key == "scaled decoding" else decode_image for key in sets}
-    rates = {key: {"mae": [], "byol": []} for key in sets}
+    rates = {key: {name: [] for name in PER_CORE} for key in sets}
     per_core_rate(list(sets[0][0].values())[:50], "byol", args.img_size)  # warm-up: the first must not pay for it
     for _ in range(args.repeats):  # interleaved
         for key, (images, _) in sets.items():
-            for view_name in ("mae", "byol"):
-                rates[key][view_name].append(per_core_rate(list(images.values()), view_name, args.img_size,
-                                                           readers[key]))
+            for name, (view_name, colour_ops) in PER_CORE.items():
+                if name == "byol_torchvision" and key != 0:
+                    continue  # the library's tensor ops: measured on the original shards only
+                rates[key][name].append(per_core_rate(list(images.values()), view_name, args.img_size,
+                                                      readers[key], colour_ops))
     original = sets[0][0]
     rows = {}
     for key, (images, size) in sets.items():
-        mae, pairs = statistics.median(rates[key]["mae"]), statistics.median(rates[key]["byol"])
+        mae, pairs, tensor_pairs = (statistics.median(rates[key][name]) for name in ("mae", "byol", "byol_tensor"))
         rows[key] = {"max_side": key or "original", "megabytes": round(size / 1e6, 1), "mae_img_per_s": round(mae, 1),
-                     "mocov3_pairs_per_s": round(pairs, 1)}
+                     "mocov3_pairs_per_s": round(pairs, 1), "mocov3_tensor_colour_pairs_per_s": round(tensor_pairs, 1)}
         if key == "scaled decoding":
             (mae_db, mae_share), (moco_db, moco_share) = (
                 scaled_decoding_psnr(list(images.values()), name, args.img_size) for name in ("mae", "byol"))
@@ -223,18 +265,28 @@ def resized(args):
             rows[key].update(mae_psnr_db=round(view_psnr(original, images, (0.2, 1.0), "bicubic", args.img_size), 2),
                              mocov3_psnr_db=round(view_psnr(original, images, (0.08, 1.0), "bilinear",
                                                             args.img_size), 2))
+    rows[0]["mocov3_torchvision_tensor_pairs_per_s"] = round(statistics.median(rates[0]["byol_torchvision"]), 1)
+    colour_db, same_draws = colour_ops_psnr(list(original.values()), args.img_size)
     base = rows[0]
-    print(f"{args.photo_size} photos, {args.img_size} px views")
+    print(f"{args.photo_size} photos, {args.img_size} px views; MoCo pairs with PIL colour steps (the official"
+          f" ops) and with data.colour_ops: tensor ('tensor'); x: against the original shards' PIL figure")
     print(f"{'shards':<16}{'MB':>8}{'MAE img/s/core':>16}{'x':>6}{'MoCo pairs/s/core':>19}{'x':>6}"
-          f"{'MAE PSNR':>10}{'MoCo PSNR':>11}")
+          f"{'tensor':>8}{'x':>6}{'MAE PSNR':>10}{'MoCo PSNR':>11}")
     for row in rows.values():
         print(f"{str(row['max_side']):<16}{row['megabytes']:>8}{row['mae_img_per_s']:>16.0f}"
               f"{row['mae_img_per_s'] / base['mae_img_per_s']:>6.2f}{row['mocov3_pairs_per_s']:>19.0f}"
               f"{row['mocov3_pairs_per_s'] / base['mocov3_pairs_per_s']:>6.2f}"
+              f"{row['mocov3_tensor_colour_pairs_per_s']:>8.0f}"
+              f"{row['mocov3_tensor_colour_pairs_per_s'] / base['mocov3_pairs_per_s']:>6.2f}"
               f"{row.get('mae_psnr_db', float('nan')):>10.2f}{row.get('mocov3_psnr_db', float('nan')):>11.2f}")
+    torchvision_pairs = base["mocov3_torchvision_tensor_pairs_per_s"]
+    print(f"MoCo pair, original shards: torchvision's tensor ops on uint8 {torchvision_pairs:.0f} pairs/s/core"
+          f" ({torchvision_pairs / base['mocov3_pairs_per_s']:.2f}x PIL); data.colour_ops: tensor against PIL on the"
+          f" same seeds: {colour_db:.1f} dB, same random draws: {same_draws}")
     result = {"bench": "loader_resized", "images": len(files), "photo_size": args.photo_size,
               "img_size": args.img_size, "machine": f"{platform.machine()} {cpu_count()} CPUs",
               "torch": torch.__version__, "rows": list(rows.values()),
+              "tensor_colour_psnr_db": round(colour_db, 2), "tensor_colour_same_draws": same_draws,
               "runs": {str(k): v for k, v in rates.items()}}
     print(json.dumps(result))
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from pretrain.errors import UserError
-from pretrain.views import (INTERPOLATIONS, ViewConfig, byol_recipe, cmae_recipe, conmim_recipe, mae_recipe,
-                            simclr_recipe, simmim_recipe, simsiam_recipe)
+from pretrain.views import (COLOUR_OPS, INTERPOLATIONS, ViewConfig, byol_recipe, cmae_recipe, conmim_recipe,
+                            mae_recipe, simclr_recipe, simmim_recipe, simsiam_recipe)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune",
@@ -73,6 +73,10 @@ class DataConfig:
     # Off: it pays only for large originals (2000x1500 at 224 px: 1.49x the MAE view); on ImageNet-sized
     # JPEGs it never applies at 224 px and costs up to 23 % at smaller sizes (PIL's resize; BENCHMARKS.md).
     scaled_decoding: bool = False
+    # How the views' colour steps (jitter, grayscale, blur, solarize) are computed: pil, as the official
+    # recipes do (torchvision on PIL images), or tensor: the same random draws on float tensors, about
+    # twice as fast, nearly the same pixels (one rounding, a true Gaussian blur; BENCHMARKS.md).
+    colour_ops: str = "pil"
 
 
 @dataclass
@@ -320,6 +324,7 @@ class Config:
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
             (self.data.max_bad_shards >= 0 and self.data.url_retries >= 0, "data.max_bad_shards",
              ">= 0 (data.url_retries too)"),
+            (self.data.colour_ops in COLOUR_OPS, "data.colour_ops", f"one of {', '.join(COLOUR_OPS)}"),
             (self.run.loss_spike == 0 or self.run.loss_spike > 1, "run.loss_spike", "0 (off) or above 1"),
             (self.run.grad_norm_spike == 0 or self.run.grad_norm_spike > 1, "run.grad_norm_spike",
              "0 (off) or above 1"),

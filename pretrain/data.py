@@ -258,7 +258,8 @@ class ShardLoader:
 
     def __init__(self, manifest, batch_size, view="eval", img_size=224, mode="epoch", num_workers=2, seed=0,
                  rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False,
-                 max_bad_shards=16, verify_shards=True, url_retries=3, url_backoff=1.0, scaled_decoding=False):
+                 max_bad_shards=16, verify_shards=True, url_retries=3, url_backoff=1.0, scaled_decoding=False,
+                 colour_ops="pil"):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.listed = dict(zip(self.manifest.urls, self.manifest.shards))
         self.max_bad_shards, self.verify_shards = max_bad_shards, verify_shards
@@ -275,7 +276,7 @@ class ShardLoader:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.batch_size, self.mode, self.num_workers, self.seed = batch_size, mode, num_workers, seed
         self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = rank, world_size, shuffle_buffer, pin_memory
-        self.view = make_view(view, img_size)
+        self.view = make_view(view, img_size, colour_ops)
         self.scaled_decoding = scaled_decoding and takes_encoded(self.view)
         self.readers_per_rank = max(1, num_workers)
         self.bad_samples = self.lost_samples = self.skipped_shards = 0

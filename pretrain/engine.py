@@ -244,7 +244,7 @@ def _train_locked(config, stop):
                          shuffle_buffer=config.data.shuffle_buffer, steps_per_epoch=steps_per_epoch * d.grad_accum,
                          pin_memory=torch.cuda.is_available(), max_bad_shards=config.data.max_bad_shards,
                          verify_shards=config.data.verify_shards, url_retries=config.data.url_retries,
-                         scaled_decoding=config.data.scaled_decoding)
+                         scaled_decoding=config.data.scaled_decoding, colour_ops=config.data.colour_ops)
     total_steps = max(1, round(config.optim.epochs * steps_per_epoch))
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
     min_ratio = config.optim.min_lr / lr

@@ -21,6 +21,8 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import v2
 
+from pretrain.colour_ops import TensorColour
+
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (which needs FFmpeg); they are
 # pinned here and work. Should a later torchvision drop them, decode_image falls back to PIL.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
@@ -152,7 +154,8 @@ class TimmRandAugment:
 @dataclass
 class ViewConfig:
     """One augmentation pipeline, applied in MoCo v3's (BYOL's) order: a random resized crop, then the
-    colour steps (run on PIL, which is faster at hue and blur), then a horizontal flip. A colour step
+    colour steps (on PIL as the official recipes, 2x faster than torchvision's tensor ops at hue and blur;
+    or on float tensors with data.colour_ops: tensor), then a horizontal flip. A colour step
     with probability 0 is a no-op; with every colour probability at 0 the PIL round trip is left out.
     Each method's section holds one of these per pipeline, its paper's recipe by default (the `*_recipe`
     functions below)."""
@@ -243,8 +246,17 @@ def random_crop(img_size, view):
                                interpolation=INTERPOLATIONS[view.interpolation], antialias=True)
 
 
-def colour(view):
-    """The colour steps of `view` on a uint8 tensor: jitter, grayscale, blur, solarize (through PIL)."""
+COLOUR_OPS = ("pil", "tensor")
+
+
+def colour(view, colour_ops="pil"):
+    """The colour steps of `view` on a uint8 tensor: jitter, grayscale, blur, solarize; through PIL as the
+    official recipes run them ("pil"), or computed on float tensors with the same random draws ("tensor",
+    pretrain.colour_ops: about half the time, nearly the same pixels)."""
+    if colour_ops == "tensor":
+        return TensorColour(view)
+    if colour_ops != "pil":
+        raise ValueError(f"colour_ops must be one of {', '.join(COLOUR_OPS)}, not {colour_ops!r}")
     return v2.Compose([
         v2.ToPILImage(),
         v2.RandomApply([v2.ColorJitter(*view.jitter)], p=view.jitter_p),
@@ -255,16 +267,16 @@ def colour(view):
     ])
 
 
-def augmentation(img_size, view):
+def augmentation(img_size, view, colour_ops="pil"):
     """The pipeline a `ViewConfig` describes: crop, colour (if any), flip (if on)."""
     steps = [random_crop(img_size, view)]
-    steps += [colour(view)] if view.has_colour else []
+    steps += [colour(view, colour_ops)] if view.has_colour else []
     steps += [v2.RandomHorizontalFlip()] if view.flip else []
     return v2.Compose(steps)
 
 
-def single_view(img_size, view):
-    return augmentation(img_size, view)
+def single_view(img_size, view, colour_ops="pil"):
+    return augmentation(img_size, view, colour_ops)
 
 
 class TwoViews:
@@ -278,9 +290,9 @@ class TwoViews:
         return self.first(image), self.second(image)
 
 
-def two_views(img_size, first, second):
+def two_views(img_size, first, second, colour_ops="pil"):
     """Views from `first` and from `second` (ViewConfigs; the same one for symmetric recipes)."""
-    return TwoViews(augmentation(img_size, first), augmentation(img_size, second))
+    return TwoViews(augmentation(img_size, first, colour_ops), augmentation(img_size, second, colour_ops))
 
 
 class PILGaussianBlur:
@@ -308,11 +320,11 @@ class SharedCrop:
         return self.first(image), self.second(image)
 
 
-def conmim_view(img_size, view):
+def conmim_view(img_size, view, colour_ops="pil"):
     """ConMIM's asymmetric pair: the masked online branch sees the crop of `view`, the slow encoder the
     same crop with `view`'s colour steps."""
     geometry = augmentation(img_size, ViewConfig(**{**dataclasses.asdict(view), **NO_COLOUR}))
-    return SharedCrop(geometry, lambda image: image, colour(view))
+    return SharedCrop(geometry, lambda image: image, colour(view, colour_ops))
 
 
 class PixelShift:
@@ -329,10 +341,10 @@ class PixelShift:
         return self.crop(image), self.crop(image)
 
 
-def cmae_view(img_size, view):
+def cmae_view(img_size, view, colour_ops="pil"):
     """CMAE's views: the paper's 31-pixel shift at 224 px, scaled with the image size."""
     shift = max(1, round(31 * img_size / 224))
-    return PixelShift(augmentation(img_size + shift, view), img_size)
+    return PixelShift(augmentation(img_size + shift, view, colour_ops), img_size)
 
 
 class ViewSet:
@@ -349,9 +361,9 @@ class ViewSet:
         return tuple(views)
 
 
-def hybrid_view(img_size, masked, first, second):
+def hybrid_view(img_size, masked, first, second, colour_ops="pil"):
     """The MIM view and the two contrastive views of each image, for the hybrid MIM + CL loss."""
-    return ViewSet(augmentation(img_size, masked), two_views(img_size, first, second))
+    return ViewSet(augmentation(img_size, masked, colour_ops), two_views(img_size, first, second, colour_ops))
 
 
 class Configured:
@@ -360,8 +372,8 @@ class Configured:
     def __init__(self, builder, *views):
         self.builder, self.views = builder, views
 
-    def __call__(self, img_size):
-        return self.builder(img_size, *self.views)
+    def __call__(self, img_size, colour_ops="pil"):
+        return self.builder(img_size, *self.views, colour_ops=colour_ops)
 
 
 # The views by name, each paper's recipe: what `Objective.view` names when no config chose one.
@@ -379,13 +391,13 @@ VIEWS = {
 }
 
 
-def make_view(name, img_size):
-    """The view called `name` at `img_size`; `name` may also be a function of img_size (a configured view)."""
-    if callable(name):
-        return name(img_size)
-    if name not in VIEWS:
+def make_view(name, img_size, colour_ops="pil"):
+    """The view called `name` at `img_size`; `name` may also be a function of img_size (a configured view).
+    `colour_ops` chooses how the colour steps of ViewConfig pipelines are computed (see `colour`)."""
+    if not callable(name) and name not in VIEWS:
         raise ValueError(f"unknown view {name!r}; known: {', '.join(sorted(VIEWS))}")
-    return VIEWS[name](img_size)
+    view = name if callable(name) else VIEWS[name]
+    return view(img_size, colour_ops) if isinstance(view, Configured) else view(img_size)
 
 
 def normalize(images, device=None, dtype=torch.float32, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -176,6 +176,23 @@ def test_scaled_decoding_resumes_exactly_and_counts_a_jpeg_that_breaks_off(tmp_p
     assert any(not torch.equal(a, b) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"]))
 
 
+def test_tensor_colour_ops_resume_exactly_and_keep_the_samples_and_crops(tmp_path):
+    """data.colour_ops: tensor draws what the PIL steps draw: the same samples in the same order, the same
+    crops (the pixels differ by the colour steps' rounding only), and resume stays exact."""
+    shards = [write_shard(tmp_path / f"train-{i:06d}.tar", [sample(f"{i}{j}", label=j % 2,
+                                                                   image=jpeg_bytes(size=(64, 48), seed=10 * i + j))
+                                                            for j in range(6)]) for i in range(2)]
+    options = dict(view="byol", img_size=IMG, mode="epoch", num_workers=2, rank=0, world_size=1, seed=3)
+    tensor = make_loader(make_manifest(tmp_path, shards), 2, colour_ops="tensor", **options)
+    batches = epoch_batches(tensor)
+    assert_same_batches(batches[2:], epoch_batches(tensor, start_step=2))
+    reference = epoch_batches(make_loader(make_manifest(tmp_path, shards), 2, **options))
+    assert [b["keys"] for b in reference] == [b["keys"] for b in batches]
+    pairs = [(a.double(), b.double()) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"])]
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert all(10 * torch.log10(255 ** 2 / ((a - b) ** 2).mean().clamp_min(1e-10)) > 30 for a, b in pairs)
+
+
 def test_a_batch_with_no_decodable_sample_is_an_error(tmp_path):
     shards = [write_shard(tmp_path / "train-000000.tar", [sample(f"{j}", image=b"junk") for j in range(2)])]
     loader = make_loader(make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=0, rank=0, world_size=1)
