@@ -169,6 +169,11 @@ def per_core_rate(images, view_name, img_size=IMG, read=decode_image, colour_ops
     return len(images) / (time.perf_counter() - started)
 
 
+def psnr_db(mse):
+    """PSNR (dB) of uint8 pixels from their mean squared error."""
+    return float(10 * np.log10(255 ** 2 / mse))
+
+
 def scaled_decoding_psnr(images, view_name, img_size):
     """Mean PSNR (dB) of the views with scaled decoding against the same views (same seeds) fully decoded,
     over the views decoded at a reduced scale (the others are identical), and the fraction of images with
@@ -186,7 +191,7 @@ def scaled_decoding_psnr(images, view_name, img_size):
         for a, b in zip(*((v,) if torch.is_tensor(v) else v for v in (full, reduced))):
             mse = torch.mean((a.double() - b.double()) ** 2).item()
             if mse > 0:  # the view of a pair whose crop was decoded in full is identical: left out
-                values.append(10 * np.log10(255 ** 2 / mse))
+                values.append(psnr_db(mse))
     return float(np.mean(values)) if values else float("nan"), scaled / len(images)
 
 
@@ -204,7 +209,7 @@ def colour_ops_psnr(images, img_size):
             states.append(torch.get_rng_state())
         same_draws &= torch.equal(*states)
         errors += [torch.mean((a.double() - b.double()) ** 2).item() for a, b in zip(*pairs)]
-    return float(10 * np.log10(255 ** 2 / np.mean(errors))), same_draws
+    return psnr_db(np.mean(errors)), same_draws
 
 
 def view_psnr(original, resized, scale, interpolation, img_size=IMG, seed=0):
@@ -221,7 +226,7 @@ def view_psnr(original, resized, scale, interpolation, img_size=IMG, seed=0):
                  for image, (t, l, h, w) in ((full, (top, left, height, width)),
                                              (small, (top * sy, left * sx, height * sy, width * sx)))]
         mse = torch.mean((views[0] - views[1]) ** 2).item()
-        values.append(10 * np.log10(255 ** 2 / max(mse, 1e-10)))
+        values.append(psnr_db(max(mse, 1e-10)))
     return float(np.mean(values))
 
 

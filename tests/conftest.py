@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_prep.demo_data import write_demo_data
@@ -30,6 +31,21 @@ def jpeg_bytes(size=(40, 30), mode="RGB", seed=0, fmt="JPEG"):
     out = io.BytesIO()
     image.save(out, format=fmt, quality=90)
     return out.getvalue()
+
+
+def smooth_jpeg(size=(512, 384)):
+    """A photo-like JPEG (smooth colour waves): what scaled decoding and the colour steps are measured on."""
+    y, x = np.mgrid[0:size[1], 0:size[0]] / 40.0
+    pixels = np.stack([np.sin(x + y), np.cos(0.7 * x - y), np.sin(0.5 * x * y / 10)], -1) * 110 + 128
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def psnr(a, b):
+    """PSNR (dB) of two uint8-valued images (any array-likes torch takes), capped at 100 for identical ones."""
+    mse = torch.mean((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).item()
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-10))
 
 
 def write_file(path, data):

@@ -8,12 +8,7 @@ from torchvision.transforms import v2
 
 from pretrain.colour_ops import gaussian_blur, shift_hue, to_uint8
 from pretrain.views import NO_COLOUR, VIEWS, ViewConfig, colour, decode_image, make_view
-from tests.test_views import smooth_jpeg
-
-
-def psnr(a, b):
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-10))
+from tests.conftest import psnr, smooth_jpeg
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pretrain.views import VIEWS, EncodedImage, PixelShift, SharedCrop, decode_image, make_view, takes_encoded
-from tests.conftest import jpeg_bytes
+from tests.conftest import jpeg_bytes, psnr, smooth_jpeg
 
 
 @pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"),
@@ -165,15 +165,6 @@ def test_bad_view_values_are_named_errors(override, message):
         load_config(None, [override])
 
 
-def smooth_jpeg(size=(512, 384)):
-    """A photo-like JPEG (smooth colour waves): what scaled decoding is measured on."""
-    y, x = np.mgrid[0:size[1], 0:size[0]] / 40.0
-    pixels = np.stack([np.sin(x + y), np.cos(0.7 * x - y), np.sin(0.5 * x * y / 10)], -1) * 110 + 128
-    out = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
 def test_only_views_that_start_with_a_random_crop_take_encoded_images():
     assert {name: takes_encoded(make_view(name, 32)) for name in VIEWS} == {
         **{name: True for name in VIEWS}, "eval": False}
@@ -193,8 +184,7 @@ def test_scaled_decoding_draws_the_same_crops_and_nearly_the_same_pixels(name):
         scaled += bool(encoded._scaled)
         for a, b in zip(*((v,) if torch.is_tensor(v) else v for v in (full, reduced))):
             assert a.shape == b.shape == (3, 64, 64) and b.dtype == torch.uint8
-            mse = torch.mean((a.double() - b.double()) ** 2).item()
-            assert 10 * np.log10(255 ** 2 / max(mse, 1e-10)) > 35, f"seed {seed}"
+            assert psnr(a, b) > 35, f"seed {seed}"
     assert scaled >= 6, "most crops of a 512x384 image downscale to 64 px by 2x or more"
 
 
