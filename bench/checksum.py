@@ -3,7 +3,7 @@
     python -m bench.checksum [--megabytes 512] [--repeats 3] [--dir /tmp]
 
 (a) torch.save of float32 tensors of that size (a checkpoint file, as DeepSpeed writes them), to --dir;
-(b) sha256_of_file of the file written (what pretrain.checkpoint records before `latest` moves and
+(b) sha256_of_file of the file written (what pretrain.core.checkpoint records before `latest` moves and
     checks on resume), from the page cache;
 (c) the same for one lg-shard shard of the demo digits against decoding its images (the loader hashes a
     shard before reading it: data.verify_shards).
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.photos import cpu_count
-from data_prep.manifest import sha256_of_file
-from data_prep.shard_tar import image_bytes, read_shard
 from pretrain import demo
-from pretrain.views import decode_image
+from pretrain.core.files import sha256_of_file
+from pretrain.data.shard_tar import image_bytes, read_shard
+from pretrain.data.views import decode_image
 
 
 def timed(function, repeats):

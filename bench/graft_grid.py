@@ -7,7 +7,7 @@ For each seed, MoCo v3 (configs/graft_demo.yaml) starts from that seed's MAE run
 trained here if missing) with rule `split` at every split k: the embeddings and blocks 0..k-1 at 0.1x
 the learning rate, the rest at 1x (k = 0: only the embeddings are slowed; k = depth: every block). Then
 with rule `auto`: a probe of `--probe-steps` hybrid steps from the same MAE weights measures the
-per-block MIM-vs-CL gradient cosine and picks k (pretrain/auto_split.py), and the grafted run trains
+per-block MIM-vs-CL gradient cosine and picks k (pretrain/graft/auto_split.py), and the grafted run trains
 with it; its wall time includes the probe. Every run is scored on the val split like bench/reproduce
 (kNN and 10-shot linear probe on the class token). Prints a table per split (mean +- std over seeds),
 auto's choice and score, the grid's cost against auto's, and a JSON line; writes
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.reproduce import FEW, KNN, RUNS, evaluate, summary, train
 from pretrain import demo
-from pretrain.eval import encoder_from
+from pretrain.evaluation.features import encoder_from
 
 DEPTH = 12
 

@@ -8,7 +8,7 @@ All contenders read the same full-size JPEGs (bench/photos.py), from the page ca
 augmentation at 224 px (RandomResizedCrop(0.2-1, bicubic) + flip) and the same number of processes:
   (a)  ceiling: our decode + augment (torchvision decoder, v2 transforms on uint8 tensors) in a plain
        loop split over `workers` processes; no DataLoader, no batching, nothing sent between processes;
-  (b)  ours: lg-shard's tars through pretrain.data (epoch mode), uint8 batches as the trainer gets
+  (b)  ours: lg-shard's tars through pretrain.data.loader (epoch mode), uint8 batches as the trainer gets
        them (it normalizes on its accelerator);
   (b') ours, plus converting every batch to normalized float32 on this CPU in the consumer process;
   (b'') ours without the SHA-256 check of each shard before it is read (data.verify_shards=false): the
@@ -31,7 +31,7 @@ resized image: the geometry of the view, its colour steps left out). The row "sc
 original shards with data.scaled_decoding (the crop decodes the JPEG at 1/2, 1/4 or 1/8 scale where it
 can), its PSNR that of the same views, same seeds, from the full decode. MoCo pairs are timed three
 ways: PIL colour steps (the official ops, data.colour_ops: pil), data.colour_ops: tensor (our float
-implementation, pretrain/colour_ops.py), and, on the original shards, torchvision's own tensor ops on uint8;
+implementation, pretrain/data/colour_ops.py), and, on the original shards, torchvision's own tensor ops on uint8;
 the PSNR of the tensor pair against the PIL pair on the same seeds is printed with it. --photo-size 1000x750 (say)
 measures larger originals; --img-size smaller views.
 
@@ -52,15 +52,24 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from bench.photos import cpu_count, make_photos, warm_page_cache
-from data_prep.manifest import Manifest
-from pretrain.data import make_loader
-from pretrain.views import (IMAGENET_MEAN, IMAGENET_STD, EncodedImage, TwoViews, byol_recipe, decode_image, make_view,
-                            normalize, random_crop)
+from pretrain.data.loader import make_loader
+from pretrain.data.manifest import Manifest
+from pretrain.data.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncodedImage,
+    TwoViews,
+    byol_recipe,
+    decode_image,
+    make_view,
+    normalize,
+    random_crop,
+)
 
 IMG = 224
 CONTENDERS = {

@@ -48,9 +48,9 @@ def worker(arch, stage):
     import deepspeed
 
     from pretrain.config import load_config
-    from pretrain.engine import deepspeed_config, match_batchnorm_statistics
-    from pretrain.methods import build_objective
-    from pretrain.param_groups import objective_param_groups
+    from pretrain.graft.param_groups import objective_param_groups
+    from pretrain.graft.start_weights import grafted_objective
+    from pretrain.training.engine import deepspeed_config, match_batchnorm_statistics
 
     deepspeed.init_distributed()
     precision = STAGES[stage]
@@ -58,7 +58,7 @@ def worker(arch, stage):
                                 f"deepspeed.config=ds_configs/zero{stage}.json"])
     baseline = live_tensor_bytes()
     torch.manual_seed(0)
-    objective = build_objective(config)
+    objective = grafted_objective(config)
     psi = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in objective_param_groups(objective, config)]
     optimizer = torch.optim.AdamW(groups, lr=1e-4)

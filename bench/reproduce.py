@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 
 from bench.photos import cpu_count
-from pretrain import checkpoint, demo
-from pretrain.analysis import held_out_batch, measure
-from pretrain.eval import encoder_from, frozen_scores
+from pretrain import demo
+from pretrain.analysis import held_out_batch
+from pretrain.core import checkpoint
+from pretrain.evaluation.features import encoder_from, frozen_scores
+from pretrain.evaluation.measures import measure
 from pretrain.models import create_encoder
 
 TRAIN_IMAGES = 1438

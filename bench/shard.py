@@ -10,7 +10,7 @@ contender, does not drown the CPU costs in noise); MB/s counts source image byte
   lg-shard -w1 / -wN  the whole command as a user runs it (listing, shuffle, structural JPEG check,
                       SHA-256, manifest), with 1 and with N worker processes;
   writer: ours        the per-file work of lg-shard (read, check, write) in one process with
-                      data_prep.shard_tar.ShardTarWriter, without the command around it;
+                      pretrain.data.shard_tar.ShardTarWriter, without the command around it;
   writer: webdataset  the same loop with webdataset's TarWriter.
 Prints a table and a JSON line; medians over interleaved repeats.
 """
@@ -29,7 +29,7 @@ import webdataset as wds
 
 from bench.photos import cpu_count, make_photos, warm_page_cache
 from data_prep.images import inspect_image
-from data_prep.shard_tar import ShardTarWriter
+from pretrain.data.shard_tar import ShardTarWriter
 
 MAX_PER_SHARD = 100
 

@@ -100,14 +100,14 @@ def our_step_time(arch, images, steps, zero_config):
     import deepspeed
 
     from pretrain.config import load_config
-    from pretrain.engine import deepspeed_config
-    from pretrain.methods import build_objective
-    from pretrain.param_groups import objective_param_groups
+    from pretrain.graft.param_groups import objective_param_groups
+    from pretrain.graft.start_weights import grafted_objective
+    from pretrain.training.engine import deepspeed_config
 
     config = load_config(None, [f"model.arch={arch}", "deepspeed.precision=fp32", f"deepspeed.config={zero_config}",
                                 f"deepspeed.micro_batch_size={len(images)}"])
     torch.manual_seed(0)
-    objective = build_objective(config)
+    objective = grafted_objective(config)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in objective_param_groups(objective, config)]
     optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=deepspeed_config(config, 1))
@@ -142,7 +142,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from pretrain.distributed import default_env_for_single_process
+    from pretrain.core.distributed import default_env_for_single_process
 
     default_env_for_single_process()
     torch.manual_seed(0)

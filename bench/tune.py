@@ -21,9 +21,9 @@ import torch
 
 from bench.photos import cpu_count
 from bench.reproduce import MICRO_BATCH, PROCESSES, SHOTS
-from data_prep.manifest import Manifest
 from pretrain import demo
-from pretrain.eval import encoder_from, frozen_scores
+from pretrain.data.manifest import Manifest
+from pretrain.evaluation.features import encoder_from, frozen_scores
 from pretrain.models import create_encoder
 
 HELD_OUT_SHARDS = 3

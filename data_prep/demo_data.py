@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pretrain.errors import UserError, cli_entry
+from pretrain.core.errors import UserError, cli_entry
 
 JPEG_QUALITY = 95
 

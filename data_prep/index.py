@@ -3,7 +3,7 @@
     lg-index 'DIR/imagenet1k-train-{0000..1023}.tar' OUT/train.json [--split train] [--class-names FILE]
 
 The pattern is expanded as webdataset expands shard lists (braces; several patterns joined by `::`);
-the shards may be local files or URLs (http(s)://, pipe:, s3://, gs://; data_prep.locations). Each
+the shards may be local files or URLs (http(s)://, pipe:, s3://, gs://; pretrain.data.locations). Each
 shard is read through once: its bytes, SHA-256 and samples, what the training loader reads of them (an
 image member jpg/jpeg/png/webp, cls, json). A sample's label is its `cls` member, or else its json's
 "label". Class names come from --class-names (one per line, line i naming label i), else from the
@@ -25,10 +25,11 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
-from data_prep.locations import HashingReader, is_url, open_location
-from data_prep.manifest import Manifest, ShardInfo, sha256_of_file
-from data_prep.shard_tar import IMAGE_EXTENSIONS, is_loaded_member, label_of, read_shard
-from pretrain.errors import UserError, cli_entry
+from pretrain.core.errors import UserError, cli_entry
+from pretrain.core.files import sha256_of_file
+from pretrain.data.locations import HashingReader, is_url, open_location
+from pretrain.data.manifest import Manifest, ShardInfo
+from pretrain.data.shard_tar import IMAGE_EXTENSIONS, is_loaded_member, label_of, read_shard
 
 MAX_LISTED = 1000  # odd samples listed in the manifest by name; the rest are counted
 

@@ -31,11 +31,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.images import RESIZED_QUALITY, inspect_image, limit_side, to_rgb_jpeg
-from data_prep.manifest import Manifest, ShardInfo, write_json_atomic
 from data_prep.sources import find_split
 from data_prep.subsets import read_subset_file, select_fraction, select_listed
-from data_prep.shard_tar import TAR_BLOCK, ShardTarWriter
-from pretrain.errors import UserError, cli_entry
+from pretrain.core.errors import UserError, cli_entry
+from pretrain.core.files import write_json_atomic
+from pretrain.data.manifest import Manifest, ShardInfo
+from pretrain.data.shard_tar import TAR_BLOCK, ShardTarWriter
 
 log = logging.getLogger("lg-shard")
 SPLITS = ("train", "val")

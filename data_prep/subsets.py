@@ -11,7 +11,7 @@ so loading, epoch coverage and resume are those of any split.
 import random
 from pathlib import Path, PurePosixPath
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 
 
 def read_subset_file(path):

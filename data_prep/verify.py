@@ -20,12 +20,13 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.locations import digest_of, is_url
-from data_prep.manifest import Manifest, sha256_of_file
 from data_prep.shard import SPLITS
-from data_prep.shard_tar import IMAGE_EXTENSIONS, LOADED_EXTENSIONS, image_bytes, label_of
-from pretrain.errors import cli_entry
-from pretrain.views import decode_image
+from pretrain.core.errors import cli_entry
+from pretrain.core.files import sha256_of_file
+from pretrain.data.locations import digest_of, is_url
+from pretrain.data.manifest import Manifest
+from pretrain.data.shard_tar import IMAGE_EXTENSIONS, LOADED_EXTENSIONS, image_bytes, label_of
+from pretrain.data.views import decode_image
 
 
 def verify_shard(path, expected, classes, max_side=0):

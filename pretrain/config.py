@@ -10,18 +10,28 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.errors import UserError
-from pretrain.views import (COLOUR_OPS, INTERPOLATIONS, ViewConfig, byol_recipe, cmae_recipe, conmim_recipe,
-                            mae_recipe, simclr_recipe, simmim_recipe, simsiam_recipe)
+from pretrain.core.errors import UserError
+from pretrain.data.views import (
+    COLOUR_OPS,
+    INTERPOLATIONS,
+    ViewConfig,
+    byol_recipe,
+    cmae_recipe,
+    conmim_recipe,
+    mae_recipe,
+    simclr_recipe,
+    simmim_recipe,
+    simsiam_recipe,
+)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune",
            "linprobe")
-OPTIMIZERS = ("adamw", "lars", "sgd")  # see pretrain.optimizers
+OPTIMIZERS = ("adamw", "lars", "sgd")  # see pretrain.training.optimizers
 LINPROBE_PROTOCOLS = ("mae", "mocov3")
 GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
-DECAY_EXEMPTIONS = ("none", "1d", "1d_tokens")  # see pretrain.param_groups.uses_weight_decay
+DECAY_EXEMPTIONS = ("none", "1d", "1d_tokens")  # see pretrain.graft.param_groups.uses_weight_decay
 
 
 @dataclass
@@ -44,7 +54,7 @@ class RunConfig:
     resume_tag: str = ""
     skip_batches: int = 0  # with resume_tag: skip this many steps' batches after it (those that blew up)
     lr_factor: float = 1.0  # multiplies the learning rate of every group (lower it to recover from a divergence)
-    # Divergence guards (pretrain/divergence.py): stop, keeping the checkpoint from before, when the loss
+    # Divergence guards (pretrain/training/divergence.py): stop, keeping the checkpoint from before, when the loss
     # exceeds loss_spike x its running mean, or the gradient norm grad_norm_spike x its own (0: off).
     loss_spike: float = 5.0
     grad_norm_spike: float = 0.0
@@ -237,7 +247,7 @@ class GraftConfig:
     ramp_width: float = 1.0  # ramp: layers over which the scale changes by a factor e^1 of its log-range
     l1_weight: float = 0.0  # pull toward the starting weights: l1_weight * sum |w - w0| ...
     l1_to_layer: int = 12  # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
-    # auto: split from the measured per-block MIM-vs-CL gradient cosine (pretrain/auto_split.py)
+    # auto: split from the measured per-block MIM-vs-CL gradient cosine (pretrain/graft/auto_split.py)
     auto_from: str = ""  # a hybrid run whose logged cosines decide; empty: probe first (RUN_DIR/graft_probe)
     probe_steps: int = 300  # hybrid steps of the probe, from graft.init
     probe_every: int = 25  # steps between its measurements

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import torch
 
-from data_prep import demo_data, shard, verify
-from pretrain import analysis, checkpoint, export
-from pretrain.data import make_loader
-from pretrain.errors import UserError, cli_entry
+from pretrain import analysis, export
+from pretrain.core import checkpoint
+from pretrain.core.errors import UserError, cli_entry
+from pretrain.data.loader import make_loader
+from pretrain.evaluation.features import architecture, encoder_from, frozen_scores
+from pretrain.evaluation.supervised import write_scalar
+from pretrain.models import create_encoder
 
 IMG_SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -64,18 +67,25 @@ def pretrain(config, run_dir, train_manifest, processes, *overrides, echo=True):
 
 
 def prepare_data(workdir):
-    """Steps 1-3: the embedded data set, sharded and verified; returns the shard directory."""
+    """Steps 1-3: the embedded data set, sharded and verified; returns the shard directory. The data_prep
+    commands run as the user would run them (data_prep sits above pretrain: pretrain never imports it)."""
     images, shards = workdir / "digits", workdir / "shards"
     print("== 1. embedded data set ->", images)
-    demo_data.main([str(images)])
+    prep("demo_data", images)
     for split in ("train", "val"):
         print(f"== 2. shard {split} ->", shards)
-        shard.main([str(images), str(shards), "--split", split, "--layout", "imagefolder",
-                    "--max-per-shard", "100", "--workers", "2"])
+        prep("shard", images, shards, "--split", split, "--layout", "imagefolder", "--max-per-shard", "100",
+             "--workers", "2")
         print(f"== 3. verify {split}")
-        if verify.main([str(shards), "--split", split, "--workers", "2"]) != 0:
-            raise UserError(f"lg-verify found problems in {shards}")
+        prep("verify", shards, "--split", split, "--workers", "2")
     return shards
+
+
+def prep(command, *args):
+    """Run `python -m data_prep.COMMAND ARGS` in this terminal; a UserError when it fails."""
+    result = subprocess.run([sys.executable, "-m", f"data_prep.{command}", *map(str, args)])
+    if result.returncode != 0:
+        raise UserError(f"data_prep.{command} failed (exit code {result.returncode}); see its output above")
 
 
 @cli_entry("lg-demo")
@@ -148,9 +158,6 @@ def evaluate(encoders, shards):
     """kNN (k 20, T 0.07), linear-probe and 10-shot linear-probe top-1 (%) of each exported encoder and
     of a random one, on the class token; also written to each run's TensorBoard log at its last step
     (`eval/final_<key>`; `eval/knn_top1` is the monitor's curve)."""
-    from pretrain.eval import architecture, encoder_from, frozen_scores, write_scalar
-    from pretrain.models import create_encoder
-
     arch, img_size, patch_size = architecture(next(iter(encoders.values())), None)
     torch.manual_seed(0)
     models = {"random init": create_encoder(arch, img_size, patch_size).eval()}

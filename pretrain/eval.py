@@ -14,7 +14,7 @@ JSON result (--out, default beside the encoder), and the accuracy as a TensorBoa
   an lg-export file or an official release file (read as grafting reads them).
 * `extract_features`: one pass over a split in epoch mode (every image once, eval view): the class
   token (`pool="token"`) and/or mean patch token (`pool="mean"`) of any blocks.
-* `knn_accuracy` (pretrain.knn): weighted kNN as in InstDisc / DINO: cosine similarity, k = 20
+* `knn_accuracy` (pretrain.evaluation.knn): weighted kNN as in InstDisc / DINO: cosine similarity, k = 20
   neighbours voting with exp(sim / 0.07).
 * `linear_probe_accuracy` (linear --protocol cached, the default): MAE's probe head on cached, un-augmented
   features (BatchNorm without affine parameters, then a linear layer), trained full-batch with AdamW:
@@ -33,206 +33,24 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
-from data_prep.manifest import Manifest
-from pretrain.analysis import block_tokens
 from pretrain.config import load_config
-from pretrain.data import make_loader
-from pretrain.errors import UserError, check_manifest, check_writable, cli_entry
-from pretrain.grafting import load_start_weights, read_state_dict
-from pretrain.knn import knn_accuracy
-from pretrain.models import TIMM_NAMES, create_encoder, pool_tokens
-from pretrain.views import normalize
+from pretrain.core.distributed import rank
+from pretrain.core.errors import UserError, check_manifest, check_writable, cli_entry
+from pretrain.data.manifest import Manifest
+from pretrain.evaluation.features import (
+    architecture,
+    encoder_from,
+    extract_features,
+    linear_probe_accuracy,
+    subset,
+)
+from pretrain.evaluation.knn import knn_accuracy
+from pretrain.evaluation.supervised import write_scalar
+from pretrain.models import TIMM_NAMES
+from pretrain.train import run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def encoder_from(source, arch, img_size, patch_size):
-    """The encoder of `source` in eval mode. A global-pool classifier (MAE's fine-tuned release files and
-    our classifier.pth: `fc_norm` and no `norm`) keeps that layout: its "mean" features pass `fc_norm`."""
-    encoder = create_encoder(arch, img_size, patch_size)
-    state = read_state_dict(source)
-    if "fc_norm.weight" in state and "norm.weight" not in state:
-        encoder.norm, encoder.fc_norm = nn.Identity(), nn.LayerNorm(encoder.embed_dim, eps=1e-6)
-    load_start_weights(encoder, source, state=state)
-    return encoder.eval()
-
-
-@torch.no_grad()
-def extract_features(encoder, manifest, img_size, pools=("token",), layers=(-1,), batch_size=256, num_workers=1,
-                     progress=False):
-    """({(pool, layer): (N, D) features}, labels) of every image of a split, in shard order, in one pass.
-
-    pool "token": the class token, "mean": the mean patch token; layer -1: the normalized output of the
-    last block, i >= 0: the output of block i (before the final norm).
-    """
-    loader = make_loader(manifest, batch_size, view="eval", img_size=img_size, mode="epoch",
-                         num_workers=num_workers, rank=0, world_size=1)
-    features, labels = {(pool, layer): [] for pool in pools for layer in layers}, []
-    batches = tqdm(loader.epoch(0), total=loader.num_batches(0), desc="features", unit="batch", disable=not progress)
-    for batch in batches:
-        with block_tokens(encoder) as per_block:
-            last = encoder.forward_features(normalize(batch["images"]))
-        kept = ~batch["replaced"]  # a sample that did not decode is left out, not scored as another's copy
-        for (pool, layer), store in features.items():
-            store.append(pool_tokens(encoder, last if layer < 0 else per_block[layer], pool).float()[kept])
-        labels.append(batch["labels"][kept])
-    return {key: torch.cat(store) for key, store in features.items()}, torch.cat(labels)
-
-
-def linear_probe_accuracy(train_features, train_labels, val_features, val_labels, epochs=300, lr=1e-2,
-                          weight_decay=0.0, seed=0):
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    generator = torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False),
-                         nn.Linear(train_features.shape[1], num_classes))
-    with torch.no_grad():
-        head[1].weight.normal_(0, 0.01, generator=generator)
-        head[1].bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-        optimizer.zero_grad()
-        F.cross_entropy(head(train_features), train_labels).backward()
-        optimizer.step()
-    head.eval()
-    with torch.no_grad():
-        return (head(val_features).argmax(dim=1) == val_labels).float().mean().item()
-
-
-def subset(labels, fraction, seed=0):
-    """Indices of `fraction` of the samples of every class (at least one each), chosen by `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for label in labels.unique():
-        members = (labels == label).nonzero().flatten()
-        keep = max(1, round(fraction * len(members)))
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:keep]])
-    return torch.cat(chosen)
-
-
-def few_shot(labels, shots):
-    """Indices of the first `shots` samples of every class, in split order (the few-shot probe's labels:
-    10 per class is the papers' 1 % setting at the demo's scale)."""
-    return torch.cat([(labels == c).nonzero().flatten()[:shots] for c in labels.unique()])
-
-
-def frozen_scores(encoder, train_manifest, val_manifest, img_size, pools=("token",), shots=10):
-    """Frozen-feature top-1 (%) on val of the last block's features, per pool: kNN (`knn_<pool>`), the
-    linear probe with every label (`linear_<pool>`) and with `shots` per class (`linear<shots>shot_<pool>`)."""
-    (train, train_y), (val, val_y) = (extract_features(encoder, manifest, img_size, pools)
-                                      for manifest in (train_manifest, val_manifest))
-    few, scores = few_shot(train_y, shots), {}
-    for pool in pools:
-        train_f, val_f = train[pool, -1], val[pool, -1]
-        scores[f"knn_{pool}"] = 100 * knn_accuracy(train_f, train_y, val_f, val_y)
-        scores[f"linear_{pool}"] = 100 * linear_probe_accuracy(train_f, train_y, val_f, val_y)
-        scores[f"linear{shots}shot_{pool}"] = 100 * linear_probe_accuracy(train_f[few], train_y[few], val_f, val_y)
-    return scores
-
-
-def supervised_result(config, step):
-    """Top-1 of a fine-tuning or linear-probe run `config` (its latest checkpoint) on finetune.val, as a
-    result dict, with the best of its periodic measurements (finetune.eval_every) when there were any.
-
-    Rank 0 consolidates the checkpoint into RUN_DIR/classifier.pth, a float32 timm state_dict that
-    `timm.create_model(**classifier.json["timm"])` loads strictly (a linear probe's BatchNorm folded into the LayerNorm before
-    its head); every rank then classifies its share of the val shards and the counts are summed. A linear
-    probe's frozen weights are compared with graft.init's (`frozen_unchanged`; an error if they moved).
-    Rank 0 writes RUN_DIR/eval_<method>.json and `eval/<method>_top1` to the run's TensorBoard log.
-    """
-    import timm
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from pretrain import checkpoint
-    from pretrain.distributed import is_distributed, rank
-    from pretrain.export import consolidated_state_dict, save_atomic
-    from pretrain.methods import OBJECTIVES, build_objective
-    from pretrain.methods.finetune import num_classes_of
-    from pretrain.models import classifier_kwargs
-    from pretrain.validation import best_record, top1_counts
-
-    run_dir, method = Path(config.run.dir), config.method
-    weights = run_dir / "classifier.pth"
-    kwargs = classifier_kwargs(config.model.arch, config.data.img_size, config.model.patch, num_classes_of(config),
-                               config.finetune.pool)
-    frozen_unchanged = None
-    if rank() == 0:
-        state = consolidated_state_dict(run_dir / "ckpt", checkpoint.latest_tag(run_dir / "ckpt"))
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        if method == "linprobe":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.run.seed)  # as the engine built it (weights graft.init does not give)
-                start = build_objective(config).encoder.state_dict()
-            frozen_unchanged = frozen_weights_unchanged(state, start)
-        save_atomic(OBJECTIVES[method].classifier_state(state), weights)
-        weights.with_suffix(".json").write_text(json.dumps({"timm": kwargs}, indent=1) + "\n")
-    if is_distributed():
-        dist.barrier()
-    model = timm.create_model(pretrained=False, **kwargs)  # what a user of classifier.pth does
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    device = torch.device(get_accelerator().current_device_name())
-    model.to(device).eval()
-
-    manifest = Manifest.load(config.finetune.val)
-    correct, seen = top1_counts([model], manifest, config.deepspeed.micro_batch_size, config.data.img_size,
-                                config.data.num_workers, device, bf16=config.deepspeed.precision != "fp32")
-    if int(seen) < manifest.num_samples and not config.finetune.allow_partial:
-        raise UserError(f"finetune.val {config.finetune.val}: {int(seen)} of the {manifest.num_samples} images "
-                        "the manifest lists could be read (see the warnings above); the checkpoint stays — set "
-                        "finetune.allow_partial=true (lg-eval: --allow-partial) to score the rest")
-    history_file = run_dir / "val_history.json"
-    history = json.loads(history_file.read_text()) if config.finetune.eval_every and history_file.is_file() else []
-    best = best_record(history)
-    result = {"protocol": config.linprobe.protocol if method == "linprobe" else "finetune", "method": method,
-              "encoder": config.graft.init, "run_dir": str(run_dir), "arch": config.model.arch,
-              "pool": config.finetune.pool, "layer": "last", "top1": round(100 * correct / seen, 2),
-              "best": best, "history": history, "val_samples": int(seen), "steps": step, "classifier": str(weights),
-              "classifier_best": str(run_dir / "classifier_best.pth") if best and config.finetune.keep_best else None,
-              "train_subset": Manifest.load(config.data.train).subset or None,
-              "frozen_unchanged": frozen_unchanged, "partial": int(seen) < manifest.num_samples}
-    if rank() == 0:
-        (run_dir / f"eval_{method}.json").write_text(json.dumps(result, indent=1) + "\n")
-        write_scalar(run_dir / "tb", f"eval/{method}_top1", result["top1"], step)
-    return result
-
-
-def frozen_weights_unchanged(trained, start):
-    """True when every weight and statistic but the head's is bit-identical to the start's; an error
-    naming the first that is not (MoCo v3's main_lincls sanity check)."""
-    for key, value in start.items():
-        if key.startswith("head."):
-            continue
-        if not torch.equal(trained[key].float(), value.float()):
-            raise RuntimeError(f"the frozen weight {key} changed during linear probing: a bug, please report it")
-    return True
-
-
-def write_scalar(log_dir, tag, value, step=0):
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(log_dir)) as writer:
-        writer.add_scalar(tag, value, step)
-
-
-def architecture(source, args):
-    """(arch, img_size, patch_size) of an encoder source: its run config, its lg-export .json, or flags."""
-    source = Path(source)
-    if (source / "config.yaml").is_file():
-        config = load_config(source / "config.yaml")
-        return config.model.arch, config.data.img_size, config.model.patch
-    info = source.with_suffix(".json")
-    if source.is_file() and info.is_file():
-        timm_kwargs = json.loads(info.read_text())["timm"]
-        arch = {name: arch for arch, name in TIMM_NAMES.items()}[timm_kwargs["model_name"]]
-        return arch, timm_kwargs["img_size"], timm_kwargs["patch_size"]
-    if args.arch is None:
-        raise UserError(f"{source}: give --arch (and --img-size, --patch-size): no run config or lg-export .json "
-                        "says what architecture it is")
-    return args.arch, args.img_size, args.patch_size or (14 if args.arch == "vit_huge" else 16)
 
 
 def parse_args(argv):
@@ -294,9 +112,6 @@ def default_config(args):
 def train_protocol(args, arch, img_size, patch_size):
     """lg-eval finetune / linear --protocol mae|mocov3: train a `method: finetune` / `linprobe` run from the
     encoder by the pretraining engine, then measure it on --val."""
-    from pretrain.distributed import rank
-    from pretrain.train import run
-
     source, linear = args.encoder, args.protocol == "linear"
     name = f"linprobe_{args.linear_protocol}" if linear else "finetune"
     run_dir = args.run_dir or (source / name if source.is_dir() else source.with_name(f"{source.stem}_{name}"))

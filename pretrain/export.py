@@ -9,8 +9,6 @@ call printed at the end (with the defaults, 224 px and patch 16 / 14, it is just
 `timm.create_model(name, num_classes=0)`). OUT.json records that call and the run it came from.
 """
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -18,46 +16,12 @@ from pathlib import Path
 
 import torch
 
-from data_prep.manifest import temporary_path
-from pretrain import checkpoint
 from pretrain.config import load_config
-from pretrain.errors import UserError, check_writable, cli_entry
+from pretrain.core import checkpoint
+from pretrain.core.errors import UserError, check_writable, cli_entry
+from pretrain.core.files import save_atomic
+from pretrain.core.weights import consolidated_state_dict, encoder_state
 from pretrain.models import timm_name
-
-ENCODER = "encoder."
-
-
-def consolidated_state_dict(ckpt_dir, tag):
-    """The objective's full float32 state_dict from checkpoint `tag`.
-
-    Stages 0-2 keep the whole module (in the training dtype) in mp_rank_00_model_states.pt; that gives
-    the frozen parameters and buffers. The float32 master weights of everything trained come from the
-    ZeRO optimizer shards through zero_to_fp32, which also rebuilds ZeRO-3's partitioned frozen ones.
-    """
-    tag_dir = Path(ckpt_dir) / tag
-    problem = checkpoint.problem_with(tag_dir)
-    if problem:
-        raise UserError(f"checkpoint {tag_dir} cannot be used: {problem}")
-    state = {}
-    module_states = tag_dir / "mp_rank_00_model_states.pt"
-    if module_states.is_file():
-        module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
-        state = {name: tensor.float() for name, tensor in module.items()}
-    if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter
-            state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
-    return state
-
-
-def save_atomic(state, out):
-    """torch.save `state` to `out` through a temporary file: a crash never leaves half a file there."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(out)
-    torch.save(state, temporary)
-    os.replace(temporary, out)
 
 
 def export(run_dir, out, tag=None):
@@ -74,7 +38,7 @@ def export(run_dir, out, tag=None):
     if tag is None:
         raise UserError(f"{run_dir / 'ckpt'} holds no checkpoint yet")
     state = consolidated_state_dict(run_dir / "ckpt", tag)
-    encoder = {name[len(ENCODER):]: tensor.contiguous() for name, tensor in state.items() if name.startswith(ENCODER)}
+    encoder = {name: tensor.contiguous() for name, tensor in encoder_state(state).items()}
     kwargs = {"model_name": timm_name(config.model.arch), "num_classes": 0, "img_size": config.data.img_size,
               "patch_size": config.model.patch}
     model = timm.create_model(pretrained=False, **kwargs)

@@ -3,7 +3,7 @@
     lg-torchrun [torchrun options] -m pretrain.train --config configs/mae_vit_l.yaml [key=value ...]
 
 torchrun exits 1 whenever a worker fails, so the codes lg-pretrain documents (2 bad config or input,
-3 diverged, 128 + N stopped by signal N after a checkpoint; pretrain.errors) would be lost to the
+3 diverged, 128 + N stopped by signal N after a checkpoint; pretrain.core.errors) would be lost to the
 scripts that decide a requeue on them. This runs torchrun's own launcher (torch.distributed.run, with
 all its options) and exits with the code of the worker that failed for a reason of its own.
 """

@@ -5,6 +5,8 @@ import timm
 import torch
 from torch import nn
 
+from pretrain.core.distributed import world_size
+
 TIMM_NAMES = {
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
@@ -130,8 +132,6 @@ def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
 
 def sync_batchnorm(module):
     """BatchNorm statistics over the global batch where torch supports it (CUDA); per rank on CPU."""
-    from pretrain.distributed import world_size
-
     if torch.cuda.is_available() and world_size() > 1:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module

@@ -4,7 +4,7 @@
 
 Runs alike as one process (`python -m pretrain.train`), under `torchrun` / `deepspeed` launchers and in
 Slurm tasks. With `method: finetune` or `linprobe` and finetune.val set, the last checkpoint is then
-measured on that split (pretrain.eval.supervised_result). Re-running the same command resumes from RUN_DIR/ckpt/latest.
+measured on that split (pretrain.evaluation.supervised.supervised_result). Re-running the same command resumes from RUN_DIR/ckpt/latest.
 Exit codes: 0 done, 2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after
 saving a checkpoint.
 """
@@ -17,10 +17,15 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from pretrain.errors import UserError, cli_entry
+from pretrain.core.distributed import default_env_for_single_process, rank
+from pretrain.core.errors import TrainingDiverged, UserError, cli_entry
+from pretrain.evaluation.supervised import supervised_result
+from pretrain.graft import auto_split
+from pretrain.graft.param_groups import format_param_groups, objective_param_groups
+from pretrain.graft.start_weights import grafted_objective
+from pretrain.methods import OBJECTIVES
 
 log = logging.getLogger("lg-pretrain")
-SUPERVISED = ("finetune", "linprobe")  # methods measured on finetune.val at the end
 
 
 def parse_args(argv):
@@ -39,18 +44,12 @@ def main(argv=None):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.print_param_groups:
-        from pretrain.methods import build_objective
-
         if config.graft.rule == "auto":
-            from pretrain import auto_split
-
             if not config.graft.auto_from:
                 raise UserError("graft.rule=auto without graft.auto_from decides the split in a probe run; "
                                 "give graft.auto_from=RUN to print the groups it would choose")
             auto_split.resolve(config, train=None)
-        from pretrain.param_groups import format_param_groups, objective_param_groups
-
-        objective = build_objective(config)
+        objective = grafted_objective(config)
         print(format_param_groups(objective_param_groups(objective, config)))
         frozen = sum(p.numel() for p in objective.parameters() if not p.requires_grad)
         o = config.optim
@@ -63,12 +62,11 @@ def main(argv=None):
 def run(config):
     """Train `config` in this process (one rank of a job, or a world of one); the exit code. The one
     code path of every launcher: this CLI under torchrun / deepspeed, and lg-submit's Slurm tasks."""
-    from pretrain.distributed import default_env_for_single_process, rank
-    from pretrain.engine import train
-    from pretrain.errors import TrainingDiverged
-
+    # deepspeed picks its accelerator when it is imported: DS_ACCELERATOR must be set first
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pretrain.training.engine import train
+
     default_env_for_single_process()
     try:
         step, signum = train(config)
@@ -77,9 +75,7 @@ def run(config):
         return 3
     if signum:
         return 128 + signum
-    if config.method in SUPERVISED and config.finetune.val:
-        from pretrain.eval import supervised_result
-
+    if OBJECTIVES[config.method].scored_on_val and config.finetune.val:
         result = supervised_result(config, step)
         if rank() == 0:
             best = f", best {result['best']['top1']:.2f} % at step {result['best']['step']}" if result["best"] else ""

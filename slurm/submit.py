@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.config import Config, load_config
-from pretrain.errors import EXIT_GRACE_S, UserError, cli_entry, exit_code_of, exit_within
+from pretrain.core.errors import EXIT_GRACE_S, UserError, cli_entry, exit_code_of, exit_within
 
 
 class Trainer:

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from pretrain.analysis import (attention_distance, attention_maps, attention_nmi, block_tokens, head_cosine,
-                               high_frequency_amplitude, linear_cka, patch_distances, token_cosine)
+from pretrain.evaluation.measures import (
+    attention_distance,
+    attention_maps,
+    attention_nmi,
+    block_tokens,
+    head_cosine,
+    high_frequency_amplitude,
+    linear_cka,
+    patch_distances,
+    token_cosine,
+)
 from pretrain.models import create_encoder
 from tests.conftest import run_cli
 

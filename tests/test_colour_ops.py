@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from PIL import ImageFilter
 from torchvision.transforms import v2
 
-from pretrain.colour_ops import gaussian_blur, shift_hue, to_uint8
-from pretrain.views import NO_COLOUR, VIEWS, ViewConfig, colour, decode_image, make_view
+from pretrain.data.colour_ops import gaussian_blur, shift_hue, to_uint8
+from pretrain.data.views import NO_COLOUR, VIEWS, ViewConfig, colour, decode_image, make_view
 from tests.conftest import psnr, smooth_jpeg
 
 
@@ -94,7 +94,7 @@ def test_every_recipe_view_draws_the_same_with_tensor_colour_and_nearly_the_same
 
 def test_an_unknown_colour_ops_value_is_a_named_error():
     from pretrain.config import load_config
-    from pretrain.errors import UserError
+    from pretrain.core.errors import UserError
 
     with pytest.raises(UserError, match="data.colour_ops"):
         load_config(None, ["data.colour_ops=opencv"])

@@ -9,13 +9,14 @@ from timm.layers import DropPath
 from torchvision.transforms import InterpolationMode
 
 from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.eval import knn_accuracy, linear_probe_accuracy, subset
-from pretrain.methods import build_objective
+from pretrain.core.errors import UserError
+from pretrain.data.views import make_view
+from pretrain.eval import knn_accuracy
+from pretrain.evaluation.features import linear_probe_accuracy, subset
+from pretrain.graft.param_groups import objective_param_groups
+from pretrain.graft.start_weights import grafted_objective
 from pretrain.methods.finetune import FineTune
 from pretrain.models import create_encoder
-from pretrain.param_groups import objective_param_groups
-from pretrain.views import make_view
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
 
 
@@ -108,7 +109,7 @@ def test_finetune_objective_learns_separable_classes_with_label_smoothing():
 
 def test_finetune_groups_decay_the_learning_rate_by_depth():
     config = load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"])
-    objective = build_objective(config)
+    objective = grafted_objective(config)
     groups = objective_param_groups(objective, config)
     scale = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
     depth = len(objective.encoder.blocks)
@@ -121,9 +122,9 @@ def test_finetune_groups_decay_the_learning_rate_by_depth():
 
 
 def test_finetune_augmentation_follows_the_config():
-    mild = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"]))
+    mild = grafted_objective(load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"]))
     assert [type(t).__name__ for t in make_view(mild.view, 32).transforms] == ["DecodingResizedCrop"]
-    full = build_objective(load_config(REPO / "configs" / "finetune_demo.yaml", [
+    full = grafted_objective(load_config(REPO / "configs" / "finetune_demo.yaml", [
         "finetune.num_classes=10", "finetune.flip=true", "finetune.rand_augment=rand-m9-mstd0.5-inc1",
         "finetune.min_scale=0.08"]))
     transforms = make_view(full.view, 32).transforms

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.manifest import Manifest, ShardInfo
-from data_prep.shard_tar import ShardTarWriter, read_shard
-from pretrain.checkpoint import CHECKSUMS, latest_tag, tag_of
-from pretrain.export import consolidated_state_dict
+from pretrain.core.checkpoint import CHECKSUMS, latest_tag, tag_of
+from pretrain.core.weights import consolidated_state_dict
+from pretrain.data.manifest import Manifest, ShardInfo
+from pretrain.data.shard_tar import ShardTarWriter, read_shard
 from tests.conftest import REPO, TRAIN_ENV, pretrain, pretrain_command, run_cli, scalar_values
 
 pytestmark = pytest.mark.dist
@@ -221,7 +221,7 @@ def truncate(shard, keep_fraction=0.5):
 
 def loader_counts(manifest_path, **options):
     """(images read, samples lost, shards skipped) of one epoch of a split, in this process."""
-    from pretrain.data import make_loader
+    from pretrain.data.loader import make_loader
 
     loader = make_loader(manifest_path, 50, img_size=32, mode="epoch", num_workers=0, rank=0, world_size=1, **options)
     images = sum(len(batch["labels"]) for batch in loader.epoch(0))
@@ -342,8 +342,8 @@ def test_png_webp_and_jpeg_members_decode(demo_shards, tmp_path):
 
     from PIL import Image
 
-    from pretrain.data import make_loader
-    from pretrain.views import decode_image
+    from pretrain.data.loader import make_loader
+    from pretrain.data.views import decode_image
 
     formats = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 

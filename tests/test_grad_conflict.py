@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.grad_conflict import block_gradient_cosines, plot_cosines
+from pretrain.methods.grad_conflict import block_gradient_cosines, plot_cosines
 from tests.test_train import tiny
 
 

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from pretrain.auto_split import choose_split, read_cosines
-from pretrain.checkpoint import tag_of
 from pretrain.config import load_config
-from pretrain.export import consolidated_state_dict
-from pretrain.param_groups import graft_rule
-from pretrain.schedules import cosine_lr_factor
+from pretrain.core.checkpoint import tag_of
+from pretrain.core.weights import consolidated_state_dict
+from pretrain.graft.auto_split import choose_split, read_cosines
+from pretrain.graft.param_groups import graft_rule
+from pretrain.training.schedules import cosine_lr_factor
 from tests.conftest import pretrain, scalar_values, tensorboard
 
 pytestmark = pytest.mark.dist

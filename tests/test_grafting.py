@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from pretrain.auto_split import choose_split, read_cosines, resolve
 from pretrain.config import load_config
-from pretrain.engine import deepspeed_config
-from pretrain.errors import UserError
-from pretrain.methods import build_objective
-from pretrain.param_groups import graft_rule, objective_param_groups
+from pretrain.core.errors import UserError
+from pretrain.graft.auto_split import choose_split, read_cosines, resolve
+from pretrain.graft.param_groups import graft_rule, objective_param_groups
+from pretrain.graft.start_weights import grafted_objective
+from pretrain.training.engine import deepspeed_config
 from tests.test_train import TINY
 
 
@@ -36,7 +36,7 @@ def test_split_ramp_and_freeze_rules():
 
 def test_freeze_leaves_the_lower_layers_out_of_the_optimizer():
     config = load_config(None, ["method=mocov3", *TINY, "graft.rule=freeze", "graft.split=6"])
-    objective = build_objective(config)
+    objective = grafted_objective(config)
     groups = objective_param_groups(objective, config)
     trained = {n for g in groups for n in g["names"]}
     assert not any(n.startswith(("encoder.blocks.0.", "encoder.blocks.5.", "encoder.cls_token")) for n in trained)
@@ -48,7 +48,7 @@ def mae_release_file(path, arch_overrides=(), drop=None):
     """A checkpoint in MAE's release layout: {'model': state_dict} with timm names, decoder keys included."""
     config = load_config(None, ["method=mae", *TINY, *arch_overrides])
     torch.manual_seed(7)
-    mae = build_objective(config)
+    mae = grafted_objective(config)
     release_name = lambda name: name.replace("encoder.", "", 1).replace("decoder.mask_token", "mask_token") \
         .replace("decoder.", "decoder_")  # decoder_embed, decoder_blocks, ... as in models_mae.py
     state = {release_name(name): tensor for name, tensor in mae.state_dict().items()}
@@ -61,7 +61,7 @@ def mae_release_file(path, arch_overrides=(), drop=None):
 def test_mae_release_format_initializes_both_moco_encoders(tmp_path):
     state = mae_release_file(tmp_path / "mae_pretrain.pth")
     assert "decoder_embed.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
-    moco = build_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'mae_pretrain.pth'}"]))
+    moco = grafted_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'mae_pretrain.pth'}"]))
     for name, tensor in moco.encoder.state_dict().items():
         assert torch.equal(tensor, state[name]), name
         assert torch.equal(moco.target.branch["encoder"].state_dict()[name], state[name]), name
@@ -81,14 +81,14 @@ def test_a_mismatched_start_is_a_clear_error(tmp_path, case, message):
     else:
         path = tmp_path / "nowhere.pth"
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        build_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={path}"]))
+        grafted_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={path}"]))
 
 
 def test_l1_pull_measures_the_distance_of_the_lower_layers(tmp_path):
     mae_release_file(tmp_path / "start.pth")
     config = load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'start.pth'}",
                                 "graft.l1_weight=0.5", "graft.l1_to_layer=2"])
-    moco = build_objective(config)
+    moco = grafted_objective(config)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
     assert moco(views)["loss_l1_pull"] == 0
     with torch.no_grad():
@@ -112,11 +112,11 @@ def test_graft_and_layer_decay_are_exclusive():
 def test_cl_to_mim_starts_mae_from_a_moco_style_checkpoint(tmp_path):
     """The reverse order: MAE from a MoCo v3 file (`state_dict` with `module.base_encoder.` names)."""
     torch.manual_seed(3)
-    moco = build_objective(load_config(None, ["method=mocov3", *TINY]))
+    moco = grafted_objective(load_config(None, ["method=mocov3", *TINY]))
     wrapped = {f"module.base_encoder.{name}": tensor for name, tensor in moco.encoder.state_dict().items()}
     wrapped.update({f"module.predictor.{name}": tensor for name, tensor in moco.predictor.state_dict().items()})
     torch.save({"state_dict": wrapped, "epoch": 300}, tmp_path / "moco.pth.tar")
-    mae = build_objective(load_config(None, ["method=mae", *TINY, f"graft.init={tmp_path / 'moco.pth.tar'}"]))
+    mae = grafted_objective(load_config(None, ["method=mae", *TINY, f"graft.init={tmp_path / 'moco.pth.tar'}"]))
     for name, tensor in moco.encoder.state_dict().items():
         assert torch.equal(mae.encoder.state_dict()[name], tensor), name
 
@@ -159,7 +159,7 @@ def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
     curve, _ = resolve(config, train=None)
     assert config.graft.split == curve["split"] == 6  # blocks 0-5 agree (block 5: 0.05), block 6 on conflict
     assert json.loads((tmp_path / "run" / "graft_auto.json").read_text())["split"] == 6
-    groups = objective_param_groups(build_objective(config), config)
+    groups = objective_param_groups(grafted_objective(config), config)
     scales = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
     assert scales[6] == 0.1 and scales[7] == 1.0  # layer id = block + 1
     noisy = load_config(None, ["method=mocov3", *TINY, "graft.rule=auto", f"graft.auto_from={tmp_path / 'noise'}",

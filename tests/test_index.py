@@ -9,8 +9,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep.manifest import Manifest, sha256_of_file
-from pretrain.data import make_loader
+from pretrain.core.files import sha256_of_file
+from pretrain.data.loader import make_loader
+from pretrain.data.manifest import Manifest
 from tests.conftest import pretrain, run_cli
 from tests.test_remote import start_server
 

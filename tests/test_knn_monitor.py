@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.knn import knn_accuracy
-from pretrain.knn_monitor import KNNMonitor, gather_rows, load_share
+from pretrain.core.errors import UserError
+from pretrain.data.views import normalize
+from pretrain.evaluation.knn import knn_accuracy
+from pretrain.evaluation.knn_monitor import KNNMonitor, gather_rows, load_share
 from pretrain.models import create_encoder
-from pretrain.views import normalize
 
 
 def test_a_share_takes_its_ranks_shards_and_caps_each_class(demo_shards):

@@ -7,10 +7,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_prep.manifest import Manifest, ShardInfo, sha256_of_file
-from pretrain.data import make_loader, round_robin_order, resume_plan
-from pretrain.errors import UserError
-from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pretrain.core.errors import UserError
+from pretrain.core.files import sha256_of_file
+from pretrain.data.loader import make_loader, resume_plan, round_robin_order
+from pretrain.data.manifest import Manifest, ShardInfo
+from pretrain.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize
 from tests.conftest import jpeg_bytes, read_manifest, run_cli
 
 IMG = 32
@@ -222,7 +223,7 @@ def test_normalize_converts_uint8_batches():
 
 DIST_SCRIPT = """
 import json, sys, torch.distributed as dist
-from pretrain.data import make_loader
+from pretrain.data.loader import make_loader
 dist.init_process_group("gloo")
 loader = make_loader(sys.argv[1], 16, img_size=32, mode="epoch", num_workers=2)
 keys = [k for batch in loader.epoch(0) for k in batch["keys"]]

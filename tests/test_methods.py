@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.config import load_config
-from pretrain.distributed import all_gather_with_grad
+from pretrain.core.distributed import all_gather_with_grad
 from pretrain.methods import OBJECTIVES, build_objective
 from pretrain.methods.momentum import MomentumBranch
 from pretrain.models import block_mask, create_encoder, enable_block_checkpointing

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pretrain.checkpoint import tag_of
-from pretrain.export import consolidated_state_dict
+from pretrain.core.checkpoint import tag_of
+from pretrain.core.weights import consolidated_state_dict
 from tests.conftest import pretrain, scalar_values
 
 pytestmark = pytest.mark.dist

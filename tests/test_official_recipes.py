@@ -13,17 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.methods import build_objective
+from pretrain.core.errors import UserError
+from pretrain.graft.param_groups import objective_param_groups
+from pretrain.graft.start_weights import grafted_objective
 from pretrain.models import create_encoder, sincos_2d_table
-from pretrain.param_groups import objective_param_groups
 from tests.test_methods import TINY
 
 
 def build(method, *overrides):
     torch.manual_seed(0)
     config = load_config(None, [f"method={method}", *TINY, *overrides])
-    return build_objective(config), config
+    return grafted_objective(config), config
 
 
 def layer_kinds(sequential):
@@ -178,7 +178,7 @@ def test_finetuning_classifier_is_maes_global_pool_model_and_a_timm_state_dict(t
     pretrained = create_encoder("vit_tiny", 32, 8)
     torch.save(pretrained.state_dict(), tmp_path / "encoder.pth")
     config.graft.init = str(tmp_path / "encoder.pth")
-    objective = build_objective(config)
+    objective = grafted_objective(config)
     loaded = objective.encoder.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("norm."))
     assert "norm.weight" not in loaded and loaded["head.weight"].std() < 4e-5
@@ -187,7 +187,7 @@ def test_finetuning_classifier_is_maes_global_pool_model_and_a_timm_state_dict(t
 def test_maes_global_pool_fine_tuned_layout_is_read_for_evaluation(tmp_path):
     """MAE's fine-tuned release files hold fc_norm.* and no norm.*: evaluation reads them as the
     global-pool model they are, its mean features through fc_norm."""
-    from pretrain.eval import encoder_from
+    from pretrain.evaluation.features import encoder_from
     from pretrain.models import create_classifier, pool_tokens
 
     torch.manual_seed(0)

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.export import consolidated_state_dict
-from pretrain.methods import build_objective
+from pretrain.core.errors import UserError
+from pretrain.core.weights import consolidated_state_dict
+from pretrain.data.views import TimmRandAugment, finetune_view
+from pretrain.graft.param_groups import objective_param_groups
+from pretrain.graft.start_weights import grafted_objective
 from pretrain.methods.finetune import FineTune
 from pretrain.methods.linprobe import LinearProbe
-from pretrain.optimizers import make_optimizer
-from pretrain.param_groups import objective_param_groups
 from pretrain.train import main as train_main
-from pretrain.views import TimmRandAugment, finetune_view
+from pretrain.training.optimizers import make_optimizer
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
 from tests.test_eval import exported_encoder
 
@@ -47,7 +47,7 @@ def test_lars_is_maes_lars_and_leaves_biases_unadapted():
     """timm's Lars through make_optimizer == MAE's LARS on the MAE probe's head (BatchNorm without affine,
     then Linear), step for step; the weight's group adapts, the bias's does not."""
     config = load_config(REPO / "configs" / "linprobe_mae_vit_b.yaml", TINY)
-    probe = build_objective(config)
+    probe = grafted_objective(config)
     groups = objective_param_groups(probe, config)
     assert [n for g in groups for n in g["names"]] == ["encoder.head.1.weight", "encoder.head.1.bias"]
     optimizer = make_optimizer([{"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": 1.0}
@@ -126,7 +126,7 @@ def test_random_erasing_and_rand_augment_are_timms_and_seeded():
 @pytest.mark.parametrize("protocol", ["mae", "mocov3"])
 def test_linear_probe_trains_the_head_alone_and_its_folded_head_is_a_timm_classifier(protocol):
     config = load_config(REPO / "configs" / f"linprobe_{protocol}_vit_b.yaml", TINY)
-    probe = build_objective(config)
+    probe = grafted_objective(config)
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == \
         (["encoder.head.1.weight", "encoder.head.1.bias"] if protocol == "mae" else ["encoder.head.weight",
                                                                                        "encoder.head.bias"])
@@ -276,21 +276,21 @@ def _measure_with_rank_statistics(rank, init_file, val, results):
     """One rank of test_every_rank_measures_rank_0s_batchnorm_statistics."""
     import torch.distributed as dist
 
-    from pretrain.validation import ValMonitor
+    from pretrain.evaluation.validation import ValMonitor
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
     config = load_config(REPO / "configs" / "linprobe_mae_demo.yaml",
                          [*TINY, f"finetune.val={val}", "deepspeed.micro_batch_size=32", "data.num_workers=0",
                           f"run.dir={Path(init_file).parent}"])
-    probe = build_objective(config).eval()
+    probe = grafted_objective(config).eval()
     norm = probe.encoder.head[0]
     with torch.no_grad():  # each rank's own statistics, as per-rank batches leave them
         norm.running_mean.copy_(torch.randn(192, generator=torch.Generator().manual_seed(rank)))
         norm.running_var.fill_(0.01 + rank)
         probe.encoder.head[1].weight.normal_(generator=torch.Generator().manual_seed(0))  # the same, informative
     measured = ValMonitor(config, probe, torch.device("cpu")).measure(1, 0.0)["top1"]
-    from pretrain.validation import top1_counts
+    from pretrain.evaluation.validation import top1_counts
 
     if rank == 0:  # rank 0's model alone, measured on the whole split
         dist.destroy_process_group()

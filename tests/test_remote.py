@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from data_prep.locations import HashingReader, open_location
-from data_prep.manifest import Manifest
-from data_prep.shard_tar import read_shard
-from pretrain.data import DataUnavailable, make_loader
+from pretrain.data.loader import DataUnavailable, make_loader
+from pretrain.data.locations import HashingReader, open_location
+from pretrain.data.manifest import Manifest
+from pretrain.data.shard_tar import read_shard
 from tests.conftest import run_cli
 
 # A file server that breaks off the first BREAK_FIRST responses of each shard halfway (a connection
@@ -113,7 +113,7 @@ def test_a_shard_that_breaks_off_is_retried_and_read_exactly_once(demo_shards, t
     try:
         remote = url_manifest(demo_shards, base, tmp_path / "train.json")
         local, _ = batches(demo_shards / "train.json", 4)
-        with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        with caplog.at_level(logging.WARNING, logger="pretrain.data.loader"):
             streamed, loader = batches(remote, 4, url_backoff=0.05)
     finally:
         process.kill()

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from data_prep.shard_tar import ShardTarWriter, read_shard
+from pretrain.data.shard_tar import ShardTarWriter, read_shard
 
 
 def samples(count=5):
@@ -82,7 +82,7 @@ def test_corrupt_header_raises(tmp_path):
 @pytest.mark.parametrize("name", ["00000000.jpg", "a.cls", "x" * 100, "d" * 120 + "/y.json", "ünï.json"])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 10**6, 8**11 - 1])
 def test_header_matches_tarfile_byte_for_byte(name, size):
-    from data_prep.shard_tar import ustar_header
+    from pretrain.data.shard_tar import ustar_header
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, 12345, 0o444, "bigdata", "bigdata"
     assert ustar_header(name, size, 12345) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")

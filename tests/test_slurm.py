@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from pretrain.checkpoint import latest_tag, run_state, tag_of
-from pretrain.export import consolidated_state_dict
+from pretrain.core.checkpoint import latest_tag, run_state, tag_of
+from pretrain.core.weights import consolidated_state_dict
 from slurm.submit import expand_sweep
 from tests.conftest import REPO, TRAIN_ENV, run_cli, scalar_values
 

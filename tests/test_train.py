@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.methods import build_objective
+from pretrain.core.errors import UserError
+from pretrain.graft.param_groups import format_param_groups, layer_id, objective_param_groups, param_groups
+from pretrain.graft.start_weights import grafted_objective
 from pretrain.models import patchify, unpatchify
-from pretrain.param_groups import format_param_groups, layer_id, objective_param_groups, param_groups
-from pretrain.schedules import cosine_lr_factor
+from pretrain.training.schedules import cosine_lr_factor
 from tests.conftest import REPO, run_cli, write_file
 
 TINY = ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32", "moco.mlp_dim=64", "moco.out_dim=16",
@@ -18,7 +18,7 @@ TINY = ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32", "moco.m
 
 def tiny(method, *extra):
     torch.manual_seed(0)
-    return build_objective(load_config(None, [f"method={method}", *TINY, *extra]))
+    return grafted_objective(load_config(None, [f"method={method}", *TINY, *extra]))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -75,7 +75,7 @@ def test_param_groups_decay_rules_and_frozen_parameters():
 
 def test_layer_decay_groups_and_printout():
     config = load_config(None, ["method=mae", *TINY, "optim.layer_decay=0.5"])
-    groups = objective_param_groups(build_objective(config), config)
+    groups = objective_param_groups(grafted_objective(config), config)
     scales = {g["layer_ids"][0]: g["lr_scale"] for g in groups}
     assert scales[13] == 1.0 and scales[12] == 0.5 and scales[0] == 0.5 ** 13
     table = format_param_groups(groups).splitlines()
@@ -171,7 +171,7 @@ def test_block_checkpointing_keeps_names_and_gradients():
 
 def test_resuming_accepts_keys_added_to_the_config_later():
     from pretrain.config import to_dict
-    from pretrain.engine import check_resumable
+    from pretrain.training.engine import check_resumable
 
     config = load_config(None, TINY)
     saved = to_dict(config)

@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 
-from pretrain.checkpoint import latest_tag, tag_of
-from pretrain.export import consolidated_state_dict
+from pretrain.core.checkpoint import latest_tag, tag_of
+from pretrain.core.weights import consolidated_state_dict
 from tests.conftest import REPO, TRAIN_ENV, pretrain, pretrain_command, run_cli, scalar_values, tensorboard
 
 pytestmark = pytest.mark.dist
@@ -97,8 +97,8 @@ def test_momentum_branch_follows_the_online_weights(stage_run, stage):
 def test_knn_monitor_under_zero3_measures_the_whole_encoder(stage_run, manifest):
     """Every parameter partitioned over 2 ranks, each rank embedding half of the splits: the logged
     kNN top-1 is the one of the consolidated encoder's features on the whole splits."""
-    from pretrain.eval import extract_features
-    from pretrain.knn import knn_accuracy
+    from pretrain.evaluation.features import extract_features
+    from pretrain.evaluation.knn import knn_accuracy
     from pretrain.models import create_encoder
 
     run_dir = stage_run(3, "mocov3")

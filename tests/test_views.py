@@ -7,7 +7,15 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from pretrain.views import VIEWS, EncodedImage, PixelShift, SharedCrop, decode_image, make_view, takes_encoded
+from pretrain.data.views import (
+    VIEWS,
+    EncodedImage,
+    PixelShift,
+    SharedCrop,
+    decode_image,
+    make_view,
+    takes_encoded,
+)
 from tests.conftest import jpeg_bytes, psnr, smooth_jpeg
 
 
@@ -65,7 +73,7 @@ def recipe_pipelines(size):
     configurable: a config that changes nothing must give these pixels."""
     from torchvision.transforms import v2
 
-    from pretrain.views import BICUBIC, PILGaussianBlur, TwoViews, ViewSet
+    from pretrain.data.views import BICUBIC, PILGaussianBlur, TwoViews, ViewSet
 
     def crop(scale, bicubic=False):
         return v2.RandomResizedCrop(size, scale=(scale, 1.0), antialias=True,
@@ -97,10 +105,10 @@ def recipe_pipelines(size):
 @pytest.mark.parametrize("method", ["mae", "mocov3", "byol", "hybrid", "simclr", "simsiam", "simmim", "conmim", "cmae"])
 def test_default_views_are_the_papers_recipes_pixel_for_pixel(method):
     from pretrain.config import load_config
-    from pretrain.methods import build_objective
+    from pretrain.graft.start_weights import grafted_objective
     from tests.test_methods import TINY
 
-    objective = build_objective(load_config(None, [f"method={method}", *TINY]))
+    objective = grafted_objective(load_config(None, [f"method={method}", *TINY]))
     ours, expected = make_view(objective.view, 32), recipe_pipelines(32)[method]
     image = decode_image(jpeg_bytes(size=(80, 60), seed=3))
     for seed in range(4):
@@ -126,15 +134,15 @@ def test_view_config_reaches_the_transforms():
     from torchvision.transforms import v2
 
     from pretrain.config import load_config
-    from pretrain.methods import build_objective
+    from pretrain.graft.start_weights import grafted_objective
     from tests.test_methods import TINY
 
     config = load_config(None, ["method=mocov3", *TINY, "moco.view1.min_scale=0.5", "moco.view1.max_ratio=1.0",
                                 "moco.view1.flip=false", "moco.view2.jitter=[0.2,0.3,0,0]", "moco.view2.jitter_p=0.5",
                                 "moco.view2.grayscale_p=0", "moco.view2.blur_p=0", "moco.view2.solarize_p=0.1",
                                 "moco.view2.interpolation=bicubic"])
-    first, second = make_view(build_objective(config).view, 32).first.transforms, \
-        make_view(build_objective(config).view, 32).second.transforms
+    first, second = make_view(grafted_objective(config).view, 32).first.transforms, \
+        make_view(grafted_objective(config).view, 32).second.transforms
     assert [type(t).__name__ for t in first] == ["DecodingResizedCrop", "Compose"], "no flip in view 1"
     assert first[0].scale == (0.5, 1.0) and first[0].ratio == (0.75, 1.0)
     crop, colour, flip = second
@@ -144,7 +152,7 @@ def test_view_config_reaches_the_transforms():
     assert (grayscale.p, blur.p, solarize.p) == (0.0, 0.0, 0.1)
     plain = load_config(None, ["method=mocov3", *TINY, "moco.view1.jitter_p=0", "moco.view1.grayscale_p=0",
                                "moco.view1.blur_p=0"])
-    assert [type(t).__name__ for t in make_view(build_objective(plain).view, 32).first.transforms] == \
+    assert [type(t).__name__ for t in make_view(grafted_objective(plain).view, 32).first.transforms] == \
         ["DecodingResizedCrop", "RandomHorizontalFlip"], "no colour step at all: no PIL round trip"
 
 
@@ -159,7 +167,7 @@ def test_view_config_reaches_the_transforms():
 ])
 def test_bad_view_values_are_named_errors(override, message):
     from pretrain.config import load_config
-    from pretrain.errors import UserError
+    from pretrain.core.errors import UserError
 
     with pytest.raises(UserError, match=message):
         load_config(None, [override])

@@ -6,8 +6,8 @@ class Objective(nn.Module):
     """A self-supervised method: it owns its encoder and heads.
 
     * `decay_exempt`: the parameters the method's official recipe does not weight-decay ("none", "1d"
-      or "1d_tokens": see pretrain.param_groups.uses_weight_decay); optim.decay_exempt overrides it.
-    * `view`: the name of the augmentation the loader must produce (see pretrain.views), or a function
+      or "1d_tokens": see pretrain.graft.param_groups.uses_weight_decay); optim.decay_exempt overrides it.
+    * `view`: the name of the augmentation the loader must produce (see pretrain.data.views), or a function
       of img_size that makes it (a configured one).
     * `encoder`: the timm ViT that is exported at the end.
     * `forward(images)` -> dict with a scalar `loss` and any other scalars worth logging; `images` is a
@@ -22,12 +22,15 @@ class Objective(nn.Module):
     * `on_encoder_loaded()`: called after starting weights were copied into `encoder` (grafting).
     * `fresh_weights`: prefixes of `encoder` keys that keep their own initialization instead of coming
       from graft.init (a fine-tuning head).
-    * `l1_pull`: an optional `pretrain.grafting.L1Pull`; `regularized(outputs)` adds it to the loss.
+    * `scored_on_val`: a supervised method whose run ends with its top-1 on finetune.val
+      (pretrain.evaluation.supervised), when that is set.
+    * `l1_pull`: an optional `pretrain.graft.l1_pull.L1Pull`; `regularized(outputs)` adds it to the loss.
     """
 
     view = "eval"
     decay_exempt = "1d_tokens"
     uses_labels = False
+    scored_on_val = False
     fresh_weights = ()
     encoder: nn.Module
 

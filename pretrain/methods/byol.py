@@ -3,10 +3,10 @@ momentum target's projection of the other view with a normalized MSE; no negativ
 (encoder + projector) is an EMA whose momentum rises from 0.996 to 1 on a cosine."""
 import torch
 
+from pretrain.data.views import Configured, two_views
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, cosine_regression
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
-from pretrain.views import Configured, two_views
 
 
 class BYOL(MomentumObjective):

@@ -8,11 +8,10 @@ patch tokens goes through the momentum copy of the projector. L = L_r + lambda_c
 (tau 0.07) against the targets of the whole global batch. Settings follow ZhichengHuang/CMAE's
 ViT-B config (mask ratio 0.65, feature decoder 512 x 2, projector 768-1536-256).
 """
+from pretrain.data.views import Configured, cmae_view
 from pretrain.methods.mae import MAE, MAEDecoder
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
-from pretrain.models import (enable_block_checkpointing, encoder_for, mlp, sync_batchnorm,
-                             use_encoder_tokens)
-from pretrain.views import Configured, cmae_view
+from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm, use_encoder_tokens
 
 
 class CMAE(MomentumObjective):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.data.views import Configured, conmim_view
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective
 from pretrain.methods.simmim import MaskedPatches
 from pretrain.models import enable_block_checkpointing, encoder_for
-from pretrain.views import Configured, conmim_view
 
 
 class ConMIM(MaskedPatches, MomentumObjective):

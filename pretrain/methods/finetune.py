@@ -7,11 +7,11 @@ of the patch tokens through `fc_norm`, no final `norm`; MAE's models_vit), `pool
 after the final norm. The starting weights come through graft.init; the head and `fc_norm` start fresh
 (the head at N(0, 2e-5)), and a pretrained `norm` is not used by the global-pool model, as in MAE's
 main_finetune. The whole model trains, the position embedding included, with stochastic depth
-(model.drop_path) and layer-wise lr decay (optim.layer_decay, applied by pretrain.param_groups like every
+(model.drop_path) and layer-wise lr decay (optim.layer_decay, applied by pretrain.graft.param_groups like every
 other lr rule).
 
 Augmentation and loss are the pieces MAE itself takes from timm, used here as they are:
-* per image, in the loader (pretrain.views.finetune_view): random resized crop, flip, timm's RandAugment
+* per image, in the loader (pretrain.data.views.finetune_view): random resized crop, flip, timm's RandAugment
   (finetune.rand_augment, MAE's rand-m9-mstd0.5-inc1);
 * per batch, here, on the normalized images: timm's RandomErasing (finetune.random_erasing, MAE 0.25,
   per-pixel noise, one box), then timm's Mixup (finetune.mixup 0.8 / cutmix 1.0, switch 0.5, label
@@ -30,11 +30,11 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from data_prep.manifest import Manifest
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
+from pretrain.data.manifest import Manifest
+from pretrain.data.views import finetune_view
 from pretrain.methods.base import Objective
 from pretrain.models import create_classifier
-from pretrain.views import finetune_view
 
 
 def num_classes_of(config):
@@ -49,6 +49,7 @@ def num_classes_of(config):
 
 class FineTune(Objective):
     uses_labels = True
+    scored_on_val = True
     fresh_weights = ("head.", "fc_norm.")  # not taken from graft.init: they start at their own init
 
     def __init__(self, classifier_args, label_smoothing=0.1, augmentation=None, random_erasing=0.0, mixup=0.0,

@@ -6,12 +6,12 @@ two gradients conflict in the higher blocks; `diagnostics` measures the per-bloc
 """
 import torch
 
-from pretrain.grad_conflict import block_gradient_cosines, plot_cosines
+from pretrain.data.views import Configured, hybrid_view
 from pretrain.methods.base import Objective
+from pretrain.methods.grad_conflict import block_gradient_cosines, plot_cosines
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
 from pretrain.models import encoder_for
-from pretrain.views import Configured, hybrid_view
 
 
 class Hybrid(Objective):

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.data.views import finetune_view
 from pretrain.methods.base import Objective
 from pretrain.methods.finetune import num_classes_of
 from pretrain.models import create_classifier
-from pretrain.views import finetune_view
 
 
 class LinearProbe(Objective):
     uses_labels = True
+    scored_on_val = True
     decay_exempt = "none"  # both recipes: weight decay 0 on the head
     fresh_weights = ("head.", "fc_norm.")
 

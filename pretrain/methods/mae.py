@@ -9,10 +9,16 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from pretrain.data.views import IMAGENET_MEAN, IMAGENET_STD, Configured, single_view
 from pretrain.methods.base import Objective
-from pretrain.models import (enable_block_checkpointing, encoder_for, patchify, set_sincos_pos_embed, unpatchify,
-                             use_encoder_tokens)
-from pretrain.views import IMAGENET_MEAN, IMAGENET_STD, Configured, single_view
+from pretrain.models import (
+    enable_block_checkpointing,
+    encoder_for,
+    patchify,
+    set_sincos_pos_embed,
+    unpatchify,
+    use_encoder_tokens,
+)
 
 
 def init_mae_weights(method):

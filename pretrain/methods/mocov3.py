@@ -8,10 +8,10 @@ Follows facebookresearch/moco-v3's moco/builder.py.
 """
 import torch
 
+from pretrain.data.views import Configured, two_views
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
-from pretrain.views import Configured, two_views
 
 
 class MoCoV3(MomentumObjective):

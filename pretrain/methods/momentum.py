@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.distributed import all_gather_no_grad, gathered, rank
+from pretrain.core.distributed import all_gather_no_grad, gathered, rank
 from pretrain.methods.base import Objective
 
 

@@ -8,11 +8,11 @@ every other with its gradient, as in a single-process batch of the global size.
 import torch
 import torch.nn.functional as F
 
-from pretrain.distributed import all_gather_with_grad, rank
+from pretrain.core.distributed import all_gather_with_grad, rank
+from pretrain.data.views import Configured, two_views
 from pretrain.methods.base import Objective
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
-from pretrain.views import Configured, two_views
 
 
 class SimCLR(Objective):

@@ -8,10 +8,16 @@ masked pixels. Follows microsoft/SimMIM's simmim.py.
 import torch
 from torch import nn
 
+from pretrain.data.views import Configured, single_view
 from pretrain.methods.base import Objective
-from pretrain.models import (block_mask, enable_block_checkpointing, encode_with_mask_tokens, encoder_for,
-                             patchify, use_encoder_tokens)
-from pretrain.views import Configured, single_view
+from pretrain.models import (
+    block_mask,
+    enable_block_checkpointing,
+    encode_with_mask_tokens,
+    encoder_for,
+    patchify,
+    use_encoder_tokens,
+)
 
 
 class MaskedPatches(Objective):

@@ -3,10 +3,10 @@ the target; no negatives, no momentum encoder. Loss D(p1, z2)/2 + D(p2, z1)/2 wi
 cosine: the stop-gradient is what keeps it from collapsing. Follows facebookresearch/simsiam's builder."""
 import torch.nn.functional as F
 
+from pretrain.data.views import Configured, two_views
 from pretrain.methods.base import Objective
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
-from pretrain.views import Configured, two_views
 
 
 def negative_cosine(prediction, target):

@@ -66,7 +66,7 @@ def exit_within(seconds, code):
     """Make sure this process exits, with `code`, at most `seconds` from now.
 
     A clean exit joins every child process, and one that does not stop hangs it for ever: a DataLoader
-    worker ignores SIGTERM (pretrain.data leaves stop signals to the trainer), so when it is stuck, or when
+    worker ignores SIGTERM (pretrain.data.loader leaves stop signals to the trainer), so when it is stuck, or when
     its parent left it behind on an exception, multiprocessing's exit handler waits on it without end. On
     a cluster that holds the whole allocation until its time limit. The timer kills the children and
     ends the process; the workers also notice their parent's death within torch's 5-s watchdog interval.

@@ -53,7 +53,7 @@ def graft_rule(graft, depth):
       run, lr_layer_wise "1.5e-5,1.5e-5,1.5e-4" with --lr 1, is scales [0.1, 0.1, 1.0] on MoCo v3's
       base_lr 1.5e-4: blocks 0-7 at a tenth of blocks 8-11 and the heads.
     * split: lower_scale for layer ids 0 .. split (embeddings, blocks 0 .. split-1), upper_scale above;
-      auto is split with the split chosen from the measured gradient cosines (pretrain/auto_split.py).
+      auto is split with the split chosen from the measured gradient cosines (pretrain/graft/auto_split.py).
     * ramp: the same two scales joined smoothly: a logistic step in log-scale centred between block
       split-1 and block split, ramp_width layers wide.
     * freeze: the lower part gets scale 0 (frozen, the paper's first variant), the upper upper_scale.
@@ -62,7 +62,7 @@ def graft_rule(graft, depth):
         scales, per_entry = graft.scales, max(1, depth // len(graft.scales))
         return lambda layer: scales[0] if layer == 0 else scales[min((layer - 1) // per_entry, len(scales) - 1)] \
             if layer <= depth else scales[-1]
-    if graft.rule in ("split", "auto"):  # auto: split filled in from measurements (pretrain/auto_split.py)
+    if graft.rule in ("split", "auto"):  # auto: split filled in from measurements (pretrain/graft/auto_split.py)
         return lambda layer: graft.lower_scale if layer <= graft.split else graft.upper_scale
     if graft.rule == "ramp":
         ratio = math.log(graft.upper_scale / graft.lower_scale)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pretrain.distributed import is_distributed, rank
-from pretrain.errors import UserError
+from pretrain.core.distributed import is_distributed, rank
+from pretrain.core.errors import UserError
 
 log = logging.getLogger("lg-pretrain")
 TAG = "grad_cosine/block_"

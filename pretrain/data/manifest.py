@@ -1,22 +1,12 @@
 """The manifest `OUT/{split}.json` that lg-shard writes next to the shards and every reader trusts."""
-import hashlib
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.locations import is_url
-from pretrain.errors import UserError
-
-
-def sha256_of_file(path, chunk=1 << 22):
-    """The SHA-256 (hex) of a file, read in 4-MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while data := file.read(chunk):
-            digest.update(data)
-    return digest.hexdigest()
+from pretrain.core.errors import UserError
+from pretrain.core.files import write_json_atomic
+from pretrain.data.locations import is_url
 
 
 @dataclass
@@ -43,7 +33,7 @@ class Manifest:
     @property
     def urls(self):
         """Each shard's location: its name beside the manifest, or the name itself when it is a URL
-        (http(s)://, pipe:, s3://, gs://; data_prep.locations)."""
+        (http(s)://, pipe:, s3://, gs://; pretrain.data.locations)."""
         return [shard.name if is_url(shard.name) else str(self.root / shard.name) for shard in self.shards]
 
     @classmethod
@@ -80,21 +70,3 @@ class Manifest:
         record = asdict(self)
         record.pop("root")
         write_json_atomic(path, record)
-
-
-def temporary_path(path):
-    """A temporary name beside `path`, of this host and process: two writers never share one."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def write_atomic(path, text):
-    """Write `text` to `path` through a temporary file, then rename it: a reader sees the old content or
-    the new, never half a file."""
-    temporary = temporary_path(path)
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_json_atomic(path, record):
-    write_atomic(path, json.dumps(record, indent=1) + "\n")

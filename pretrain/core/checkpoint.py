@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from data_prep.manifest import sha256_of_file, write_atomic
-from pretrain.distributed import is_distributed, rank, world_size
-from pretrain.errors import UserError
+from pretrain.core.distributed import is_distributed, rank, world_size
+from pretrain.core.errors import UserError
+from pretrain.core.files import sha256_of_file, write_atomic
 
 log = logging.getLogger(__name__)
 LATEST = "latest"

@@ -2,7 +2,7 @@
 half the time of PIL's.
 
 The official recipes (MoCo v3's main_moco.py, BYOL, SimCLR) run torchvision's ColorJitter, RandomGrayscale,
-a PIL Gaussian blur and Solarize on PIL images; `pretrain.views.colour` does exactly that and stays the
+a PIL Gaussian blur and Solarize on PIL images; `pretrain.data.views.colour` does exactly that and stays the
 default. Most of that time is PIL's HSV round trip for the hue (two float conversions per pixel) and its
 blur (three box passes), and each step rounds to uint8. `TensorColour` computes the same operations,
 with torchvision's tensor definitions, in float32 on the 0..255 scale, rounding once at the end: the hue
@@ -89,7 +89,7 @@ def to_uint8(image):
 
 
 class TensorColour:
-    """The colour steps of a ViewConfig, as `pretrain.views.colour` applies them on PIL, on a uint8
+    """The colour steps of a ViewConfig, as `pretrain.data.views.colour` applies them on PIL, on a uint8
     tensor: jitter with probability jitter_p, grayscale, blur, solarize. Each step draws its coin
     (torch.rand(1) >= p skips it) and its parameters as torchvision's RandomApply / RandomGrayscale /
     RandomSolarize / ColorJitter and our PILGaussianBlur do, in the same order."""

@@ -1,4 +1,4 @@
-"""The optimizer of a run (optim.optimizer) over the parameter groups of pretrain.param_groups.
+"""The optimizer of a run (optim.optimizer) over the parameter groups of pretrain.graft.param_groups.
 
 * adamw: torch's AdamW (optim.betas): pretraining and fine-tuning. DeepSpeed's fused / CPU Adam differ
   from it by ~1e-6 after a resume, so the engine takes torch's as a client optimizer.

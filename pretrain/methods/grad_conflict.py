@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from pretrain.distributed import is_distributed
+from pretrain.core.distributed import is_distributed
 
 
 def block_gradient_cosines(loss_a, loss_b, blocks):

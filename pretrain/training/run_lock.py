@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pretrain.distributed import is_distributed, rank
-from pretrain.errors import UserError
+from pretrain.core.distributed import is_distributed, rank
+from pretrain.core.errors import UserError
 
 log = logging.getLogger(__name__)
 LOCK = "lock"

@@ -21,7 +21,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import v2
 
-from pretrain.colour_ops import TensorColour
+from pretrain.data.colour_ops import TensorColour
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (which needs FFmpeg); they are
 # pinned here and work. Should a later torchvision drop them, decode_image falls back to PIL.
@@ -252,7 +252,7 @@ COLOUR_OPS = ("pil", "tensor")
 def colour(view, colour_ops="pil"):
     """The colour steps of `view` on a uint8 tensor: jitter, grayscale, blur, solarize; through PIL as the
     official recipes run them ("pil"), or computed on float tensors with the same random draws ("tensor",
-    pretrain.colour_ops: about half the time, nearly the same pixels)."""
+    pretrain.data.colour_ops: about half the time, nearly the same pixels)."""
     if colour_ops == "tensor":
         return TensorColour(view)
     if colour_ops != "pil":

@@ -3,7 +3,7 @@
 One optimizer step = `grad_accum` micro-batches per rank. Everything random in a step (masking, drop
 path, mixing) is seeded from (seed, rank, step), and the loader's batches are a function of (seed,
 epoch, rank, step), so a run resumed from a checkpoint continues exactly as it would have without the
-interruption. The optimizer is a client one (pretrain.optimizers: torch's AdamW by default; DeepSpeed's
+interruption. The optimizer is a client one (pretrain.training.optimizers: torch's AdamW by default; DeepSpeed's
 fused/CPU Adam differ by ~1e-6 after a resume) and the schedule a client LambdaLR, which keeps each
 group's lr_scale (DeepSpeed's WarmupLR sets every group to one learning rate).
 """
@@ -17,32 +17,34 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from data_prep.manifest import Manifest
-from pretrain import auto_split, checkpoint
 from pretrain.config import Config, dump_config, to_dict
-from pretrain.data import make_loader, mix_seed
-from pretrain.distributed import rank, set_collective_timeout, world_size
-from pretrain.divergence import DivergenceWatch
-from pretrain.errors import TrainingDiverged, UserError
-from pretrain.grad_conflict import plot_cosines
-from pretrain.knn_monitor import KNNMonitor
-from pretrain.methods import build_objective
-from pretrain.monitor import Monitor, memory_bytes
-from pretrain.optimizers import make_optimizer
-from pretrain.param_groups import format_param_groups, layer_span, objective_param_groups
-from pretrain.run_lock import lock_run_dir
-from pretrain.schedules import cosine_lr_factor
-from pretrain.validation import ValMonitor
-from pretrain.views import normalize
+from pretrain.core import checkpoint
+from pretrain.core.distributed import rank, set_collective_timeout, world_size
+from pretrain.core.errors import TrainingDiverged, UserError
+from pretrain.data.loader import make_loader, mix_seed
+from pretrain.data.manifest import Manifest
+from pretrain.data.views import normalize
+from pretrain.evaluation.knn_monitor import KNNMonitor
+from pretrain.evaluation.validation import ValMonitor
+from pretrain.graft import auto_split
+from pretrain.graft.param_groups import format_param_groups, layer_span, objective_param_groups
+from pretrain.graft.start_weights import grafted_objective
+from pretrain.methods.grad_conflict import plot_cosines
+from pretrain.training.divergence import DivergenceWatch
+from pretrain.training.monitor import Monitor, memory_bytes
+from pretrain.training.optimizers import make_optimizer
+from pretrain.training.run_lock import lock_run_dir
+from pretrain.training.schedules import cosine_lr_factor
 
 log = logging.getLogger("lg-pretrain")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
         "min_loss_scale": 1}
-# What the loader counts (pretrain.data): samples replaced, samples lost with their shards, shards skipped.
+# What the loader counts (pretrain.data.loader): samples replaced, samples lost with their shards, shards skipped.
 DATA_COUNTS = ("bad_samples", "lost_samples", "skipped_shards")
 # Settings that may change between a run and its resumption (they change nothing the run computes, or
 # are the recovery tools); any other difference is refused. data.num_workers is not one: each worker
@@ -80,8 +82,6 @@ def deepspeed_config(config, world):
             raise UserError(f"{path}: remove {owned!r}; the run config sets it (optim.*, deepspeed.*)")
     d = config.deepspeed
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    from deepspeed.accelerator import get_accelerator
-
     if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise UserError(f"deepspeed.precision=fp16 is not supported by DeepSpeed's {get_accelerator().device_name()} "
                         "accelerator; use bf16 or fp32 here")
@@ -225,7 +225,7 @@ def _train_locked(config, stop):
             return 0, signum
 
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank, in every run
-    objective = build_objective(config)
+    objective = grafted_objective(config)
     groups = objective_param_groups(objective, config)
     d = config.deepspeed
     global_batch = d.micro_batch_size * d.grad_accum * world

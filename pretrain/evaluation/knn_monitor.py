@@ -4,7 +4,7 @@ and the console.
 
 Each rank embeds its share of each split: the shards r, r + world, ... of the manifest, decoded once
 (eval view, uint8, kept in memory) with at most ceil(data.knn_per_class / world) images of a class
-per rank when a cap is set. The features are gathered and rank 0 votes (pretrain.knn, k 20, T 0.07).
+per rank when a cap is set. The features are gathered and rank 0 votes (pretrain.evaluation.knn, k 20, T 0.07).
 
 The encoder is measured as a copy: its weights (gathered first under ZeRO-3, where every rank holds a
 slice) are loaded into a plain timm encoder in eval mode that lives outside the engine. So neither
@@ -17,14 +17,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from data_prep.manifest import Manifest
-from data_prep.shard_tar import image_bytes, label_of
-from pretrain.data import shard_samples
-from pretrain.distributed import gathered, is_distributed, rank, world_size
-from pretrain.errors import UserError
-from pretrain.knn import knn_accuracy
+from pretrain.core.distributed import gathered, is_distributed, rank, world_size
+from pretrain.core.errors import UserError
+from pretrain.data.loader import shard_samples
+from pretrain.data.manifest import Manifest
+from pretrain.data.shard_tar import image_bytes, label_of
+from pretrain.data.views import decode_image, eval_view, normalize
+from pretrain.evaluation.knn import knn_accuracy
 from pretrain.models import create_encoder, pool_tokens
-from pretrain.views import decode_image, eval_view, normalize
 
 log = logging.getLogger("lg-pretrain")
 

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_prep.manifest import Manifest, write_json_atomic
-from pretrain.data import make_loader
-from pretrain.distributed import gathered, is_distributed, rank, world_size
-from pretrain.export import save_atomic
-from pretrain.views import normalize
+from pretrain.core.distributed import gathered, is_distributed, rank, world_size
+from pretrain.core.files import save_atomic, write_json_atomic
+from pretrain.data.loader import make_loader
+from pretrain.data.manifest import Manifest
+from pretrain.data.views import normalize
 
 log = logging.getLogger("lg-pretrain")
 

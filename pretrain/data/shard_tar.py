@@ -140,7 +140,7 @@ def read_shard(path, select=None, stream=None):
     """Yield the samples of an uncompressed tar shard as webdataset does: consecutive members
     `key.ext` grouped into `{"__key__": key, "__url__": path, ext: bytes, ...}`.
 
-    `stream`: a reader to take the bytes from (a URL's stream, data_prep.locations); default: the file
+    `stream`: a reader to take the bytes from (a URL's stream, pretrain.data.locations); default: the file
     at `path`. Members that `select(name)` rejects are skipped without being read (read past, on a
     stream). PAX and GNU long-name headers (which webdataset's writer emits) are understood. A corrupt
     header or a truncated file (one that ends before the archive's end marker) raises

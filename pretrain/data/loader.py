@@ -4,7 +4,7 @@ Each DataLoader worker runs one stream of webdataset stages:
 
     shard urls -> read_shard -> wds.shuffle -> wds.batched (raw bytes) -> decode + view
 
-(`data_prep.shard_tar.read_shard` yields what wds.tarfile_to_samples would, for lg-shard's plain
+(`pretrain.data.shard_tar.read_shard` yields what wds.tarfile_to_samples would, for lg-shard's plain
 ustar shards, at a fifth of its CPU per sample; that is ~6 % of a worker's time at 224 px.)
 
 * **epoch** mode: the shard list is shuffled by (seed, epoch), identically on every rank; rank r takes
@@ -54,11 +54,12 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.locations import HashingReader, is_url, open_location
-from data_prep.manifest import Manifest, sha256_of_file
-from data_prep.shard_tar import image_bytes, is_loaded_member, label_of, read_shard
-from pretrain.errors import UserError
-from pretrain.views import EncodedImage, decode_image, make_view, takes_encoded
+from pretrain.core.errors import UserError
+from pretrain.core.files import sha256_of_file
+from pretrain.data.locations import HashingReader, is_url, open_location
+from pretrain.data.manifest import Manifest
+from pretrain.data.shard_tar import image_bytes, is_loaded_member, label_of, read_shard
+from pretrain.data.views import EncodedImage, decode_image, make_view, takes_encoded
 
 log = logging.getLogger(__name__)
 MODES = ("epoch", "resampled")
@@ -249,7 +250,7 @@ class ShardLoader:
     """Batches of one split for one rank. `epoch(e, start_step)` iterates one epoch.
 
     A batch is a dict: "images" (uint8 NCHW tensor, or a list of them for multi-view methods; convert
-    with `pretrain.views.normalize` on the device), "labels", "keys" (the samples' shard keys),
+    with `pretrain.data.views.normalize` on the device), "labels", "keys" (the samples' shard keys),
     "bad_samples" (samples of this batch that did not decode and were replaced; "replaced" marks their
     positions, which evaluation leaves out), "lost_samples"
     (samples that shards read for it ended without: truncated, unreadable or failing their checksum) and

@@ -1,0 +1,1 @@
+"""The engine: DeepSpeed, the step loop, schedules, optimizers, monitors and the run lock."""
