@@ -6,13 +6,22 @@ STAMP := $(VENV)/.installed
 # Compiled DeepSpeed ops go into the venv: a stale lock in a shared cache can hang torch forever.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: demo test venv
+.PHONY: demo test test-fast lint venv
 
 demo: $(STAMP)
 	$(PY) -m pretrain.demo $(ARGS)
 
-test: $(STAMP)
+# The whole suite, after the linter and the formatter check (CI runs exactly this).
+test: lint
 	$(PY) -m pytest $(ARGS)
+
+# The unit tests: no multi-process, Slurm or slow test.
+test-fast: lint
+	$(PY) -m pytest -m "not dist and not slurm and not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 venv: $(STAMP)
 

@@ -9,6 +9,7 @@
     shard before reading it: data.verify_shards).
 Prints a table and a JSON line; medians over the repeats.
 """
+
 import argparse
 import json
 import platform
@@ -53,19 +54,32 @@ def main(argv=None):
     samples = list(read_shard(shard))
     decode_s = timed(lambda: [decode_image(image_bytes(s)) for s in samples], args.repeats)
     shard_hash_s = timed(lambda: sha256_of_file(shard), args.repeats)
-    result = {"bench": "checksum", "machine": f"{platform.machine()} {cpu_count()} CPUs", "torch": torch.__version__,
-              "checkpoint_mb": round(size / 1e6, 1), "save_mb_per_s": round(size / 1e6 / save_s, 1),
-              "sha256_mb_per_s": round(size / 1e6 / hash_s, 1), "hash_vs_save": round(hash_s / save_s, 3),
-              "shard_kb": round(shard.stat().st_size / 1e3, 1), "shard_images": len(samples),
-              "shard_hash_ms": round(1e3 * shard_hash_s, 2), "shard_decode_ms": round(1e3 * decode_s, 2),
-              "hash_vs_decode": round(shard_hash_s / decode_s, 4)}
+    result = {
+        "bench": "checksum",
+        "machine": f"{platform.machine()} {cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "checkpoint_mb": round(size / 1e6, 1),
+        "save_mb_per_s": round(size / 1e6 / save_s, 1),
+        "sha256_mb_per_s": round(size / 1e6 / hash_s, 1),
+        "hash_vs_save": round(hash_s / save_s, 3),
+        "shard_kb": round(shard.stat().st_size / 1e3, 1),
+        "shard_images": len(samples),
+        "shard_hash_ms": round(1e3 * shard_hash_s, 2),
+        "shard_decode_ms": round(1e3 * decode_s, 2),
+        "hash_vs_decode": round(shard_hash_s / decode_s, 4),
+    }
     print(f"{'work':<44}{'seconds':>10}{'MB/s':>10}")
-    print(f"{'(a) torch.save, ' + str(round(size / 1e6)) + ' MB':<44}{save_s:>10.3f}{result['save_mb_per_s']:>10.0f}")
+    print(
+        f"{'(a) torch.save, ' + str(round(size / 1e6)) + ' MB':<44}{save_s:>10.3f}"
+        f"{result['save_mb_per_s']:>10.0f}"
+    )
     print(f"{'(b) sha256 of that file':<44}{hash_s:>10.3f}{result['sha256_mb_per_s']:>10.0f}")
     print(f"{'(c) sha256 of a shard (' + str(len(samples)) + ' images)':<44}{shard_hash_s:>10.4f}")
     print(f"{'    decoding its images':<44}{decode_s:>10.4f}")
-    print(f"checkpoint: hashing costs {100 * result['hash_vs_save']:.0f} % of writing; shard: hashing costs "
-          f"{100 * result['hash_vs_decode']:.1f} % of decoding")
+    print(
+        f"checkpoint: hashing costs {100 * result['hash_vs_save']:.0f} % of writing; shard: hashing costs "
+        f"{100 * result['hash_vs_decode']:.1f} % of decoding"
+    )
     print(json.dumps(result))
     return 0
 

@@ -13,6 +13,7 @@ with it; its wall time includes the probe. Every run is scored on the val split 
 auto's choice and score, the grid's cost against auto's, and a JSON line; writes
 WORKDIR/graft_grid.json (graft_grid_auto_pSTEPSeEVERY.json for another probe, whose run is named so).
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -32,11 +33,22 @@ def auto_name(probe_steps, probe_every):
 def grid_runs(splits, probe_steps, probe_every):
     runs = {"mae": RUNS["mae"]}
     for k in splits:
-        runs[f"split{k:02d}"] = ("graft_demo.yaml", ["graft.rule=split", f"graft.split={k}", "graft.lower_scale=0.1",
-                                                     "graft.upper_scale=1.0"], "mae")
+        runs[f"split{k:02d}"] = (
+            "graft_demo.yaml",
+            ["graft.rule=split", f"graft.split={k}", "graft.lower_scale=0.1", "graft.upper_scale=1.0"],
+            "mae",
+        )
     runs[auto_name(probe_steps, probe_every)] = (
-        "graft_demo.yaml", ["graft.rule=auto", "graft.lower_scale=0.1", "graft.upper_scale=1.0",
-                            f"graft.probe_steps={probe_steps}", f"graft.probe_every={probe_every}"], "mae")
+        "graft_demo.yaml",
+        [
+            "graft.rule=auto",
+            "graft.lower_scale=0.1",
+            "graft.upper_scale=1.0",
+            f"graft.probe_steps={probe_steps}",
+            f"graft.probe_every={probe_every}",
+        ],
+        "mae",
+    )
     return runs
 
 
@@ -57,43 +69,74 @@ def main(argv=None):
     for seed in args.seeds:
         train("mae", seed, args.steps, args.workdir, shards, runs)
         for name in rows:
-            run_dir, seconds = train(name, seed, args.steps, args.workdir / "graft_grid", shards, runs,
-                                     starts=args.workdir)
-            row = {"seed": seed, "train_s": round(seconds, 1),
-                   **{k: round(v, 3) for k, v in evaluate(encoder_from(run_dir, "vit_tiny", 32, 8), shards).items()}}
+            run_dir, seconds = train(
+                name, seed, args.steps, args.workdir / "graft_grid", shards, runs, starts=args.workdir
+            )
+            row = {
+                "seed": seed,
+                "train_s": round(seconds, 1),
+                **{
+                    k: round(v, 3)
+                    for k, v in evaluate(encoder_from(run_dir, "vit_tiny", 32, 8), shards).items()
+                },
+            }
             if name == auto:
                 row["split"] = json.loads((run_dir / "graft_auto.json").read_text())["split"]
             rows[name].append(row)
-            print(f"seed {seed} {name:8s} {KNN} {row[KNN]:5.1f}  {FEW} {row[FEW]:5.1f}  ({seconds:.0f} s)"
-                  + (f"  split {row['split']}" if name == auto else ""), flush=True)
+            print(
+                f"seed {seed} {name:8s} {KNN} {row[KNN]:5.1f}  {FEW} {row[FEW]:5.1f}  ({seconds:.0f} s)"
+                + (f"  split {row['split']}" if name == auto else ""),
+                flush=True,
+            )
 
-    table = {name: {m: summary([r[m] for r in rs]) for m in (KNN, FEW, "train_s")} for name, rs in rows.items()}
+    table = {
+        name: {m: summary([r[m] for r in rs]) for m in (KNN, FEW, "train_s")} for name, rs in rows.items()
+    }
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps per run, MIM->CL from the MAE run of each seed")
     print(f"{'run':10s}{KNN:>22s}{FEW:>26s}{'train s':>10s}")
     for name, t in table.items():
-        print(f"{name:10s}{t[KNN][0]:15.2f} ± {t[KNN][1]:4.2f}{t[FEW][0]:19.2f} ± {t[FEW][1]:4.2f}"
-              f"{t['train_s'][0]:10.0f}")
+        print(
+            f"{name:10s}{t[KNN][0]:15.2f} ± {t[KNN][1]:4.2f}{t[FEW][0]:19.2f} ± {t[FEW][1]:4.2f}"
+            f"{t['train_s'][0]:10.0f}"
+        )
     grid = [name for name in table if name.startswith("split")]
     verdicts = {}
     for metric in (KNN, FEW):
         best = max(grid, key=lambda name: table[name][metric][0])
         gap = table[best][metric][0] - table[auto][metric][0]
-        verdicts[metric] = {"grid_best": best, "grid_best_mean": table[best][metric][0],
-                            "grid_best_std": table[best][metric][1], "auto_mean": table[auto][metric][0],
-                            "within_one_std": gap <= table[best][metric][1]}
-        print(f"{metric}: grid best {best} {table[best][metric][0]:.2f} ± {table[best][metric][1]:.2f}, auto "
-              f"{table[auto][metric][0]:.2f} ({'within' if gap <= table[best][metric][1] else 'NOT within'} one std)")
+        verdicts[metric] = {
+            "grid_best": best,
+            "grid_best_mean": table[best][metric][0],
+            "grid_best_std": table[best][metric][1],
+            "auto_mean": table[auto][metric][0],
+            "within_one_std": gap <= table[best][metric][1],
+        }
+        print(
+            f"{metric}: grid best {best} {table[best][metric][0]:.2f} ± {table[best][metric][1]:.2f}, auto "
+            f"{table[auto][metric][0]:.2f} "
+            f"({'within' if gap <= table[best][metric][1] else 'NOT within'} one std)"
+        )
     grid_cost = sum(table[name]["train_s"][0] for name in grid)
-    print(f"auto chose splits {[r['split'] for r in rows[auto]]}; cost per seed: auto "
-          f"{table[auto]['train_s'][0]:.0f} s "
-          f"(probe included), grid {grid_cost:.0f} s ({grid_cost / table[auto]['train_s'][0]:.1f}x)")
-    record = {"bench": "graft_grid", "steps": args.steps, "seeds": args.seeds, "probe_steps": args.probe_steps,
-              "probe_every": args.probe_every,
-              "mean_std": {n: {m: [round(v, 3) for v in ms] for m, ms in t.items()} for n, t in table.items()},
-              "verdicts": verdicts, "auto_splits": [r["split"] for r in rows[auto]],
-              "grid_seconds_per_seed": round(grid_cost, 1), "runs": rows}
+    print(
+        f"auto chose splits {[r['split'] for r in rows[auto]]}; cost per seed: auto "
+        f"{table[auto]['train_s'][0]:.0f} s "
+        f"(probe included), grid {grid_cost:.0f} s ({grid_cost / table[auto]['train_s'][0]:.1f}x)"
+    )
+    record = {
+        "bench": "graft_grid",
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "probe_steps": args.probe_steps,
+        "probe_every": args.probe_every,
+        "mean_std": {n: {m: [round(v, 3) for v in ms] for m, ms in t.items()} for n, t in table.items()},
+        "verdicts": verdicts,
+        "auto_splits": [r["split"] for r in rows[auto]],
+        "grid_seconds_per_seed": round(grid_cost, 1),
+        "runs": rows,
+    }
     (args.workdir / ("graft_grid.json" if auto == "auto" else f"graft_grid_{auto}.json")).write_text(
-        json.dumps(record, indent=1))
+        json.dumps(record, indent=1)
+    )
     print(json.dumps(record))
     return 0
 

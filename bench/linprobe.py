@@ -12,6 +12,7 @@ same shape), three protocols on the embedded digits:
 each candidate is trained on the first shards of the train split and scored on its last 3 (bench.tune's
 cut), on the MAE and MoCo v3 encoders. Prints a table and a JSON line, writes WORKDIR/results.json.
 """
+
 import argparse
 import json
 import os
@@ -36,8 +37,18 @@ def random_encoder(path):
     """A random ViT-Tiny/8 at 32 px in lg-export's layout (the 'random init' row)."""
     torch.manual_seed(0)
     torch.save(create_encoder("vit_tiny", 32, 8).state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps({"timm": {"model_name": "vit_tiny_patch16_224", "num_classes": 0,
-                                                              "img_size": 32, "patch_size": 8}}))
+    path.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "timm": {
+                    "model_name": "vit_tiny_patch16_224",
+                    "num_classes": 0,
+                    "img_size": 32,
+                    "patch_size": 8,
+                }
+            }
+        )
+    )
     return path
 
 
@@ -47,12 +58,29 @@ def probe(protocol, encoder, train, val, out_dir, *overrides):
     out = out_dir / "result.json"
     if out.is_file():  # a rerun reuses what the first one measured
         return json.loads(out.read_text()), json.loads((out_dir / "seconds.json").read_text())
-    command = [sys.executable, "-m", "pretrain.eval", "linear", str(encoder), "--train", str(train), "--val", str(val),
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.eval",
+        "linear",
+        str(encoder),
+        "--train",
+        str(train),
+        "--val",
+        str(val),
+        "--out",
+        str(out),
+    ]
     if protocol != "cached":
         command[1:2] = ["-m", "pretrain.launch", "--standalone", "--nproc_per_node", "2", "-m"]
-        command += ["--protocol", protocol, "--config", str(REPO / "configs" / f"linprobe_{protocol}_demo.yaml"),
-                    f"run.dir={out_dir / 'run'}", *overrides]
+        command += [
+            "--protocol",
+            protocol,
+            "--config",
+            str(REPO / "configs" / f"linprobe_{protocol}_demo.yaml"),
+            f"run.dir={out_dir / 'run'}",
+            *overrides,
+        ]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -72,15 +100,26 @@ def tune(demo, workdir):
             scores = []
             for name in ("MAE", "MoCo v3"):
                 encoder = demo / ENCODERS[name] / "encoder.pth"
-                result, _ = probe(protocol, encoder, manifests["tune_train"], manifests["tune_val"],
-                                  workdir / "tune" / f"{protocol}_lr{lr:g}_{ENCODERS[name]}", f"optim.base_lr={lr}")
+                result, _ = probe(
+                    protocol,
+                    encoder,
+                    manifests["tune_train"],
+                    manifests["tune_val"],
+                    workdir / "tune" / f"{protocol}_lr{lr:g}_{ENCODERS[name]}",
+                    f"optim.base_lr={lr}",
+                )
                 scores.append(result["top1"])
             mean = None if None in scores else round(sum(scores) / 2, 2)
             rows[f"{protocol} base_lr {lr:g}"] = {"MAE": scores[0], "MoCo v3": scores[1], "mean": mean}
     print(f"\n{'candidate':<24}{'MAE':>9}{'MoCo v3':>9}{'mean':>9}   (top-1 % on the held-out train shards)")
     for name, row in rows.items():
-        print(f"{name:<24}" + "".join(f"{row[k]:>9.2f}" if row[k] is not None else f"{'diverged':>9}"
-                                      for k in ("MAE", "MoCo v3", "mean")))
+        print(
+            f"{name:<24}"
+            + "".join(
+                f"{row[k]:>9.2f}" if row[k] is not None else f"{'diverged':>9}"
+                for k in ("MAE", "MoCo v3", "mean")
+            )
+        )
     return rows
 
 
@@ -92,8 +131,11 @@ def compare(demo, workdir):
         table[name] = {}
         for protocol in PROTOCOLS:
             result, seconds = probe(protocol, encoder, train, val, workdir / (run or "random") / protocol)
-            table[name][protocol] = {"top1": result["top1"], "best": (result.get("best") or {}).get("top1"),
-                                     "seconds": round(seconds, 1)}
+            table[name][protocol] = {
+                "top1": result["top1"],
+                "best": (result.get("best") or {}).get("top1"),
+                "seconds": round(seconds, 1),
+            }
     print(f"\n{'encoder':<14}" + "".join(f"{p + ' top-1':>14}{'(best)':>8}{'s':>6}" for p in PROTOCOLS))
     for name, row in table.items():
         cells = []
@@ -109,11 +151,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=REPO / "runs" / "demo", help="the demo's workdir")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench_linprobe")
-    parser.add_argument("--tune", action="store_true", help="choose the demo configs' lr on held-out train shards")
+    parser.add_argument(
+        "--tune", action="store_true", help="choose the demo configs' lr on held-out train shards"
+    )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {"tune": tune(args.demo, args.workdir)} if args.tune else {"compare": compare(args.demo, args.workdir)}
-    (args.workdir / ("tune.json" if args.tune else "results.json")).write_text(json.dumps(results, indent=1) + "\n")
+    results = (
+        {"tune": tune(args.demo, args.workdir)}
+        if args.tune
+        else {"compare": compare(args.demo, args.workdir)}
+    )
+    (args.workdir / ("tune.json" if args.tune else "results.json")).write_text(
+        json.dumps(results, indent=1) + "\n"
+    )
     print(json.dumps(results))
 
 

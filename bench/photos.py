@@ -4,6 +4,7 @@ Each image is a random 4:3 crop (40-100 % of the photo's height) of one of seven
 resized to 500x375 (ImageNet's typical size), randomly mirrored, saved at JPEG quality 90 (~45 KB).
 Written as an ImageFolder with one class per source photograph; deterministic for a given seed.
 """
+
 import os
 from pathlib import Path
 
@@ -16,7 +17,8 @@ SIZE = (500, 375)
 
 def make_photos(root, count, seed=0, size=SIZE):
     """Write `count` JPEGs of `size` (w, h) under root/<photo>/NNNNN.jpg unless they already exist; return
-    the file list. Sizes above the source photographs' are upscaled: smoother than real photos of that size."""
+    the file list. Sizes above the source photographs' are upscaled: smoother than real photos of that
+    size."""
     import skimage.data
 
     root = Path(root)
@@ -31,7 +33,7 @@ def make_photos(root, count, seed=0, size=SIZE):
         crop_w = min(width, int(height * rng.uniform(0.4, 1.0) * 4 / 3))
         crop_h = crop_w * 3 // 4
         top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
-        image = Image.fromarray(photo[top:top + crop_h, left:left + crop_w]).resize(size, Image.BICUBIC)
+        image = Image.fromarray(photo[top : top + crop_h, left : left + crop_w]).resize(size, Image.BICUBIC)
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         path.parent.mkdir(parents=True, exist_ok=True)

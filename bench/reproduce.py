@@ -22,6 +22,7 @@ last third of the blocks). Prints a table (mean +- std over seeds, beside seed 0
 linear-probe numbers), the issue's targets as measured, and a JSON line; writes WORKDIR/results.json.
 Runs resume: a finished run is only evaluated again.
 """
+
 import argparse
 import json
 import platform
@@ -55,20 +56,44 @@ RUNS = {
     "mim2cl": ("graft_demo.yaml", [], "mae"),
 }
 CONTRASTIVE = ("mocov3", "simclr", "byol", "simsiam")
-PAPER_LINEAR = {"mae": 68.0, "mocov3": 76.7, "mtl": 68.4, "cl2mim": 65.5, "mim2cl": 74.5}  # seed 001, ViT-B IN-1k
-NAMES = {"random": "random init", "mae": "MAE", "mocov3": "MoCo v3", "simclr": "SimCLR", "byol": "BYOL",
-         "simsiam": "SimSiam", "mtl": "MTL (hybrid)", "cl2mim": "CL->MIM", "mim2cl": "MIM->CL"}
+PAPER_LINEAR = {
+    "mae": 68.0,
+    "mocov3": 76.7,
+    "mtl": 68.4,
+    "cl2mim": 65.5,
+    "mim2cl": 74.5,
+}  # seed 001, ViT-B IN-1k
+NAMES = {
+    "random": "random init",
+    "mae": "MAE",
+    "mocov3": "MoCo v3",
+    "simclr": "SimCLR",
+    "byol": "BYOL",
+    "simsiam": "SimSiam",
+    "mtl": "MTL (hybrid)",
+    "cl2mim": "CL->MIM",
+    "mim2cl": "MIM->CL",
+}
 KNN, FEW = "knn_token", f"linear{SHOTS}shot_token"  # the columns the targets are judged on
 
 
 def common_overrides(seed, steps, precision="bf16"):
     steps_per_epoch = TRAIN_IMAGES // (PROCESSES * MICRO_BATCH)
     epochs = steps / steps_per_epoch
-    return [f"run.seed={seed}", f"run.max_steps={steps}", f"run.log_every={max(1, steps // 5)}",
-            f"run.save_every={steps}", "run.image_every=0", "model.patch_size=8",
-            f"deepspeed.micro_batch_size={MICRO_BATCH}", "deepspeed.config=ds_configs/zero2.json",
-            f"deepspeed.precision={precision}", f"optim.epochs={epochs}", f"optim.warmup_epochs={epochs / 10}",
-            "run.knn_every=0"]
+    return [
+        f"run.seed={seed}",
+        f"run.max_steps={steps}",
+        f"run.log_every={max(1, steps // 5)}",
+        f"run.save_every={steps}",
+        "run.image_every=0",
+        "model.patch_size=8",
+        f"deepspeed.micro_batch_size={MICRO_BATCH}",
+        "deepspeed.config=ds_configs/zero2.json",
+        f"deepspeed.precision={precision}",
+        f"optim.epochs={epochs}",
+        f"optim.warmup_epochs={epochs / 10}",
+        "run.knn_every=0",
+    ]
 
 
 def train(name, seed, steps, workdir, shards, runs=RUNS, starts=None, precision="bf16"):
@@ -111,22 +136,50 @@ def targets(table):
     rows = []
     for name in CONTRASTIVE:
         gain = mean(name, KNN) - mean("random", KNN)
-        rows.append((f"{NAMES[name]} kNN >= random + 10", f"{mean(name, KNN):.1f} vs {mean('random', KNN):.1f} "
-                     f"({gain:+.1f})", gain >= 10))
+        rows.append(
+            (
+                f"{NAMES[name]} kNN >= random + 10",
+                f"{mean(name, KNN):.1f} vs {mean('random', KNN):.1f} ({gain:+.1f})",
+                gain >= 10,
+            )
+        )
     for metric in (KNN, FEW):
-        rows.append((f"MoCo v3 > MAE on {metric}", f"{mean('mocov3', metric):.1f} vs {mean('mae', metric):.1f}",
-                     mean("mocov3", metric) > mean("mae", metric)))
+        rows.append(
+            (
+                f"MoCo v3 > MAE on {metric}",
+                f"{mean('mocov3', metric):.1f} vs {mean('mae', metric):.1f}",
+                mean("mocov3", metric) > mean("mae", metric),
+            )
+        )
         for other in ("mtl", "cl2mim"):
             margin = std("mim2cl", metric) + std(other, metric)
             gain = mean("mim2cl", metric) - mean(other, metric)
-            rows.append((f"MIM->CL > {NAMES[other]} on {metric} by > sum of std",
-                         f"{mean('mim2cl', metric):.1f} vs {mean(other, metric):.1f} ({gain:+.1f}, std sum "
-                         f"{margin:.1f})", gain > margin))
-    rows.append((f"MIM->CL > MAE on {FEW}", f"{mean('mim2cl', FEW):.1f} vs {mean('mae', FEW):.1f}",
-                 mean("mim2cl", FEW) > mean("mae", FEW)))
-    for metric, sign, word in (("attn_distance_last_third", 1, "larger"), ("attn_nmi_last_third", -1, "lower")):
-        rows.append((f"MoCo v3 {metric} {word} than MAE's", f"{mean('mocov3', metric):.2f} vs "
-                     f"{mean('mae', metric):.2f}", sign * (mean("mocov3", metric) - mean("mae", metric)) > 0))
+            rows.append(
+                (
+                    f"MIM->CL > {NAMES[other]} on {metric} by > sum of std",
+                    f"{mean('mim2cl', metric):.1f} vs {mean(other, metric):.1f} ({gain:+.1f}, std sum "
+                    f"{margin:.1f})",
+                    gain > margin,
+                )
+            )
+    rows.append(
+        (
+            f"MIM->CL > MAE on {FEW}",
+            f"{mean('mim2cl', FEW):.1f} vs {mean('mae', FEW):.1f}",
+            mean("mim2cl", FEW) > mean("mae", FEW),
+        )
+    )
+    for metric, sign, word in (
+        ("attn_distance_last_third", 1, "larger"),
+        ("attn_nmi_last_third", -1, "lower"),
+    ):
+        rows.append(
+            (
+                f"MoCo v3 {metric} {word} than MAE's",
+                f"{mean('mocov3', metric):.2f} vs {mean('mae', metric):.2f}",
+                sign * (mean("mocov3", metric) - mean("mae", metric)) > 0,
+            )
+        )
     return rows
 
 
@@ -144,21 +197,38 @@ def main(argv=None):
     for seed in args.seeds:
         torch.manual_seed(seed)  # the floor: the same encoder untrained
         scores = evaluate(create_encoder("vit_tiny", 32, 8).eval(), shards, images)
-        results["random"].append({"seed": seed, "train_s": 0.0, **{k: round(v, 3) for k, v in scores.items()}})
+        results["random"].append(
+            {"seed": seed, "train_s": 0.0, **{k: round(v, 3) for k, v in scores.items()}}
+        )
         for name in RUNS:  # in order: the grafted runs start from this seed's MAE and MoCo v3 runs
             run_dir, seconds = train(name, seed, args.steps, args.workdir, shards, precision=args.precision)
             scores = evaluate(encoder_from(run_dir, "vit_tiny", 32, 8), shards, images)
-            results[name].append({"seed": seed, "train_s": round(seconds, 1),
-                                  **{k: round(v, 3) for k, v in scores.items()}})
-            print(f"seed {seed} {NAMES[name]:13s} " + "  ".join(f"{k} {v:5.2f}" for k, v in scores.items())
-                  + f"  ({seconds:.0f} s)", flush=True)
+            results[name].append(
+                {"seed": seed, "train_s": round(seconds, 1), **{k: round(v, 3) for k, v in scores.items()}}
+            )
+            print(
+                f"seed {seed} {NAMES[name]:13s} "
+                + "  ".join(f"{k} {v:5.2f}" for k, v in scores.items())
+                + f"  ({seconds:.0f} s)",
+                flush=True,
+            )
     total = time.perf_counter() - started
 
-    metrics = ("knn_token", f"linear{SHOTS}shot_token", "linear_token", "knn_mean", f"linear{SHOTS}shot_mean",
-               "linear_mean", "attn_distance_last_third", "attn_nmi_last_third")
-    print(f"\n{len(args.seeds)} seeds, {args.steps} steps per stage ({args.precision}), ViT-Tiny/8 at 32 px, "
-          f"{PROCESSES} CPU processes, "
-          f"{total / 60:.1f} min")
+    metrics = (
+        "knn_token",
+        f"linear{SHOTS}shot_token",
+        "linear_token",
+        "knn_mean",
+        f"linear{SHOTS}shot_mean",
+        "linear_mean",
+        "attn_distance_last_third",
+        "attn_nmi_last_third",
+    )
+    print(
+        f"\n{len(args.seeds)} seeds, {args.steps} steps per stage ({args.precision}), ViT-Tiny/8 at 32 px, "
+        f"{PROCESSES} CPU processes, "
+        f"{total / 60:.1f} min"
+    )
     print(f"{'method':14s}" + "".join(f"{m:>26s}" for m in metrics) + f"{'seed 001 linear':>17s}")
     table = {}
     for name, rows in results.items():
@@ -169,12 +239,21 @@ def main(argv=None):
     print("\ntargets:")
     for claim, measured, held in checks:
         print(f"  {'met    ' if held else 'NOT met'}  {claim}: {measured}")
-    record = {"bench": "reproduce", "steps": args.steps, "precision": args.precision, "seeds": args.seeds,
-              "minutes": round(total / 60, 1),
-              "cpus": cpu_count(), "machine": platform.processor() or platform.machine(),
-              "mean_std": {name: {m: [round(v, 3) for v in ms] for m, ms in t.items()} for name, t in table.items()},
-              "targets": [{"claim": c, "measured": m, "met": h} for c, m, h in checks],
-              "runs": results, "paper_linear": PAPER_LINEAR}
+    record = {
+        "bench": "reproduce",
+        "steps": args.steps,
+        "precision": args.precision,
+        "seeds": args.seeds,
+        "minutes": round(total / 60, 1),
+        "cpus": cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "mean_std": {
+            name: {m: [round(v, 3) for v in ms] for m, ms in t.items()} for name, t in table.items()
+        },
+        "targets": [{"claim": c, "measured": m, "met": h} for c, m, h in checks],
+        "runs": results,
+        "paper_linear": PAPER_LINEAR,
+    }
     (args.workdir / "results.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
     return 0

@@ -14,6 +14,7 @@ contender, does not drown the CPU costs in noise); MB/s counts source image byte
   writer: webdataset  the same loop with webdataset's TarWriter.
 Prints a table and a JSON line; medians over interleaved repeats.
 """
+
 import argparse
 import json
 import os
@@ -51,20 +52,36 @@ def tar_cf_sha256(photos, files, out):
     """tar cf, then SHA-256 of the archive: the same checksum work lg-shard does for its manifest."""
     names = "\n".join(str(Path(f).relative_to(photos)) for f in files).encode()
     archive = out.resolve() / "all.tar"
-    return run_command(["sh", "-c", f"tar cf {archive} -T - && sha256sum {archive} > /dev/null"], cwd=photos,
-                       stdin=names)
+    return run_command(
+        ["sh", "-c", f"tar cf {archive} -T - && sha256sum {archive} > /dev/null"], cwd=photos, stdin=names
+    )
 
 
 def lg_shard(photos, files, out, workers):
-    return run_command([sys.executable, "-m", "data_prep.shard", str(photos), str(out), "--split", "train",
-                        "--layout", "imagefolder", "--max-per-shard", str(MAX_PER_SHARD), "--workers", str(workers)])
+    return run_command(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.shard",
+            str(photos),
+            str(out),
+            "--split",
+            "train",
+            "--layout",
+            "imagefolder",
+            "--max-per-shard",
+            str(MAX_PER_SHARD),
+            "--workers",
+            str(workers),
+        ]
+    )
 
 
 def writer_loop(photos, files, out, make_writer):
     started = time.perf_counter()
     for first in range(0, len(files), MAX_PER_SHARD):
         with make_writer(out / f"train-{first // MAX_PER_SHARD:06d}.tar") as writer:
-            for index, path in enumerate(files[first:first + MAX_PER_SHARD], start=first):
+            for index, path in enumerate(files[first : first + MAX_PER_SHARD], start=first):
                 data = Path(path).read_bytes()
                 problem, _ = inspect_image(data)
                 if problem is None:
@@ -79,8 +96,10 @@ CONTENDERS = {
     "lg_shard_1": ("lg-shard --workers 1", lambda p, f, o: lg_shard(p, f, o, 1)),
     "lg_shard_n": (None, None),  # filled in main() with the worker count
     "writer_ours": ("writer: ours (1 process)", lambda p, f, o: writer_loop(p, f, o, ShardTarWriter)),
-    "writer_webdataset": ("writer: webdataset TarWriter",
-                          lambda p, f, o: writer_loop(p, f, o, lambda path: wds.TarWriter(str(path), encoder=False))),
+    "writer_webdataset": (
+        "writer: webdataset TarWriter",
+        lambda p, f, o: writer_loop(p, f, o, lambda path: wds.TarWriter(str(path), encoder=False)),
+    ),
 }
 
 
@@ -90,15 +109,22 @@ def main():
     parser.add_argument("--workers", type=int, default=cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--out", type=Path, default=Path("/dev/shm/layergraft-shard-bench")
-                        if Path("/dev/shm").is_dir() else Path("runs/bench/shard_bench_out"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/dev/shm/layergraft-shard-bench")
+        if Path("/dev/shm").is_dir()
+        else Path("runs/bench/shard_bench_out"),
+    )
     args = parser.parse_args()
     photos = args.data / f"photos{args.images}"
     files = make_photos(photos, args.images)
     megabytes = warm_page_cache(files) / 1e6
     contenders = dict(CONTENDERS)
-    contenders["lg_shard_n"] = (f"lg-shard --workers {args.workers}",
-                                lambda p, f, o: lg_shard(p, f, o, args.workers))
+    contenders["lg_shard_n"] = (
+        f"lg-shard --workers {args.workers}",
+        lambda p, f, o: lg_shard(p, f, o, args.workers),
+    )
 
     seconds = {name: [] for name in contenders}
     for _ in range(args.repeats):
@@ -110,7 +136,10 @@ def main():
             shutil.rmtree(args.out)
     mb_per_s = {name: megabytes / statistics.median(values) for name, values in seconds.items()}
     result = {
-        "bench": "shard", "images": len(files), "megabytes": round(megabytes, 1), "workers": args.workers,
+        "bench": "shard",
+        "images": len(files),
+        "megabytes": round(megabytes, 1),
+        "workers": args.workers,
         "out": str(args.out),
         "machine": f"{platform.machine()} {cpu_count()} CPUs",
         "mb_per_s": {k: round(v, 1) for k, v in mb_per_s.items()},
@@ -124,9 +153,11 @@ def main():
     for name, (label, _) in contenders.items():
         runs = ", ".join(f"{v:.2f}" for v in seconds[name])
         print(f"{label:<32}{mb_per_s[name]:>8.0f}{mb_per_s[name] / mb_per_s['tar_cf']:>10.2f}   {runs}")
-    print(f"lg-shard / tar cf = {result['lg_shard_1_vs_tar']:.2f}x (1 worker), "
-          f"{result['lg_shard_n_vs_tar']:.2f}x ({args.workers} workers), target >= 0.8; "
-          f"our writer / webdataset's = {result['writer_ours_vs_webdataset']:.2f}x")
+    print(
+        f"lg-shard / tar cf = {result['lg_shard_1_vs_tar']:.2f}x (1 worker), "
+        f"{result['lg_shard_n_vs_tar']:.2f}x ({args.workers} workers), target >= 0.8; "
+        f"our writer / webdataset's = {result['writer_ours_vs_webdataset']:.2f}x"
+    )
     print(json.dumps(result))
 
 

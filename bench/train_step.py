@@ -12,6 +12,7 @@ are counted by torch.utils.flop_counter on the reference (it misses the fused CP
 a ViT-S step). Ours / reference is given per repeat beside the medians' ratio: its spread is the noise.
 Prints a table and a JSON line.
 """
+
 import argparse
 import json
 import os
@@ -27,26 +28,39 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.photos import cpu_count
 
-DIMS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+DIMS = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
 
 
 class ReferenceMAE(nn.Module):
     """MAE, compactly, as in models_mae.py."""
 
-    def __init__(self, dim, depth, heads, img_size=224, patch=16, decoder_dim=512, decoder_depth=8, mask_ratio=0.75):
+    def __init__(
+        self, dim, depth, heads, img_size=224, patch=16, decoder_dim=512, decoder_depth=8, mask_ratio=0.75
+    ):
         super().__init__()
         self.patch, self.mask_ratio = patch, mask_ratio
         self.patch_embed = PatchEmbed(img_size, patch, 3, dim)
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", torch.cat([torch.zeros(1, dim), build_sincos2d_pos_embed(list(grid), dim)])[None])
+        self.register_buffer(
+            "pos_embed", torch.cat([torch.zeros(1, dim), build_sincos2d_pos_embed(list(grid), dim)])[None]
+        )
         self.blocks = nn.Sequential(*[Block(dim, heads, 4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", torch.cat([torch.zeros(1, decoder_dim),
-                                                             build_sincos2d_pos_embed(list(grid), decoder_dim)])[None])
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, 16, 4.0, qkv_bias=True) for _ in range(decoder_depth)])
+        self.register_buffer(
+            "decoder_pos_embed",
+            torch.cat([torch.zeros(1, decoder_dim), build_sincos2d_pos_embed(list(grid), decoder_dim)])[None],
+        )
+        self.decoder_blocks = nn.Sequential(
+            *[Block(decoder_dim, 16, 4.0, qkv_bias=True) for _ in range(decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
 
@@ -104,13 +118,25 @@ def our_step_time(arch, images, steps, zero_config):
     from pretrain.graft.start_weights import grafted_objective
     from pretrain.training.engine import deepspeed_config
 
-    config = load_config(None, [f"model.arch={arch}", "deepspeed.precision=fp32", f"deepspeed.config={zero_config}",
-                                f"deepspeed.micro_batch_size={len(images)}"])
+    config = load_config(
+        None,
+        [
+            f"model.arch={arch}",
+            "deepspeed.precision=fp32",
+            f"deepspeed.config={zero_config}",
+            f"deepspeed.micro_batch_size={len(images)}",
+        ],
+    )
     torch.manual_seed(0)
     objective = grafted_objective(config)
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in objective_param_groups(objective, config)]
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in objective_param_groups(objective, config)
+    ]
     optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=deepspeed_config(config, 1))
+    engine, *_ = deepspeed.initialize(
+        model=objective, optimizer=optimizer, config=deepspeed_config(config, 1)
+    )
 
     def step():
         engine.backward(engine(images)["loss"])
@@ -125,7 +151,7 @@ def matmul_flops(size=2048, repeats=10):
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - started)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
 def mfu(model_flop_per_s, peak):
@@ -158,32 +184,56 @@ def main():
     peaks.append(matmul_flops())
     peak = max(peaks)  # the best the machine did: a busy moment lowers a measurement, never raises it
     median = {name: statistics.median(values) for name, values in times.items()}
-    rows = {name: {"step_s": round(s, 3), "img_per_s": round(args.batch_size / s, 2),
-                   "model_tflop_per_s": round(flops / s / 1e12, 4), "mfu": mfu(flops / s, peak)}
-            for name, s in median.items()}
+    rows = {
+        name: {
+            "step_s": round(s, 3),
+            "img_per_s": round(args.batch_size / s, 2),
+            "model_tflop_per_s": round(flops / s / 1e12, 4),
+            "mfu": mfu(flops / s, peak),
+        }
+        for name, s in median.items()
+    }
     # ours / reference within each repeat: the spread says how far the medians' ratio can be trusted
-    spread = {name: [round(r / o, 3) for r, o in zip(times["reference"], times[name])]
-              for name in ("ours_zero0", "ours_zero1")}
-    result = {"bench": "train_step", "arch": args.arch, "batch_size": args.batch_size, "precision": "fp32",
-              "machine": f"{platform.machine()} {cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-              "matmul_tflop_per_s": round(peak / 1e12, 4), "matmul_tflop_per_s_runs": [round(p / 1e12, 4) for p in peaks],
-              "model_gflop_per_step": round(flops / 1e9, 1),
-              "rows": rows, "seconds": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
-              "ours_zero0_vs_reference": round(median["reference"] / median["ours_zero0"], 3),
-              "ours_zero1_vs_reference": round(median["reference"] / median["ours_zero1"], 3),
-              "vs_reference_per_repeat": spread, "target": 1.0}
-    print(f"{'MAE step, ' + args.arch + ', batch ' + str(args.batch_size):<34}{'s/step':>8}{'img/s':>8}"
-          f"{'TFLOP/s':>9}{'MFU':>7}{'x ref':>7}  x ref per repeat")
+    spread = {
+        name: [round(r / o, 3) for r, o in zip(times["reference"], times[name])]
+        for name in ("ours_zero0", "ours_zero1")
+    }
+    result = {
+        "bench": "train_step",
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "precision": "fp32",
+        "machine": f"{platform.machine()} {cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "matmul_tflop_per_s": round(peak / 1e12, 4),
+        "matmul_tflop_per_s_runs": [round(p / 1e12, 4) for p in peaks],
+        "model_gflop_per_step": round(flops / 1e9, 1),
+        "rows": rows,
+        "seconds": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+        "ours_zero0_vs_reference": round(median["reference"] / median["ours_zero0"], 3),
+        "ours_zero1_vs_reference": round(median["reference"] / median["ours_zero1"], 3),
+        "vs_reference_per_repeat": spread,
+        "target": 1.0,
+    }
+    print(
+        f"{'MAE step, ' + args.arch + ', batch ' + str(args.batch_size):<34}{'s/step':>8}{'img/s':>8}"
+        f"{'TFLOP/s':>9}{'MFU':>7}{'x ref':>7}  x ref per repeat"
+    )
     for name, row in rows.items():
         shown = "-" if row["mfu"] is None else f"{row['mfu']:.2f}"
         repeats = ", ".join(f"{r:.2f}" for r in spread.get(name, []))
-        print(f"{name:<34}{row['step_s']:>8.2f}{row['img_per_s']:>8.2f}{row['model_tflop_per_s']:>9.3f}"
-              f"{shown:>7}{median['reference'] / median[name]:>7.2f}  {repeats}")
-    print(f"fp32 matmul peak {peak / 1e12:.3f} TFLOP/s (best of {len(peaks)}, interleaved with the repeats);"
-          f" model {flops / 1e9:.0f} GFLOP per step (forward + backward)")
+        print(
+            f"{name:<34}{row['step_s']:>8.2f}{row['img_per_s']:>8.2f}{row['model_tflop_per_s']:>9.3f}"
+            f"{shown:>7}{median['reference'] / median[name]:>7.2f}  {repeats}"
+        )
+    print(
+        f"fp32 matmul peak {peak / 1e12:.3f} TFLOP/s (best of {len(peaks)}, interleaved with the repeats);"
+        f" model {flops / 1e9:.0f} GFLOP per step (forward + backward)"
+    )
     if any(row["mfu"] is None for row in rows.values()):
-        print("MFU not shown: a model rate above the measured matmul peak means the peak was measured in a busy"
-              " moment (or the FLOP count is off); rerun on a quiet machine")
+        print(
+            "MFU not shown: a model rate above the measured matmul peak means the peak was measured in a busy"
+            " moment (or the FLOP count is off); rerun on a quiet machine"
+        )
     print(json.dumps(result))
 
 

@@ -6,6 +6,7 @@ class into train and val:
 
     OUT/train/{0..9}/NNNN.jpg    OUT/val/{0..9}/NNNN.jpg
 """
+
 import argparse
 import os
 import random

@@ -1,5 +1,6 @@
 """Cheap checks that a file is a decodable image, conversion of odd images to RGB JPEG, and the
 resizing of large ones (lg-shard --max-side)."""
+
 import io
 import warnings
 
@@ -60,7 +61,7 @@ def jpeg_structure(data):
         else:
             if marker in START_OF_FRAME and position + 9 < len(data):
                 components = data[position + 9]
-            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
     return None, False
 
 

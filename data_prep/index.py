@@ -13,6 +13,7 @@ other kinds, are listed in the manifest's `skipped`: the loader counts the forme
 Local shards inside OUT's folder are named relative to it (the folder can move); others keep their
 path as given, URLs as they are.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -37,6 +38,7 @@ MAX_LISTED = 1000  # odd samples listed in the manifest by name; the rest are co
 @dataclass
 class ShardIndex:
     """What one shard holds, as lg-index reads it."""
+
     location: str
     num_samples: int = 0
     bytes: int = 0
@@ -44,7 +46,9 @@ class ShardIndex:
     labels: Counter = field(default_factory=Counter)
     names: dict = field(default_factory=dict)  # label -> class name, where the json tells
     odd: list = field(default_factory=list)  # [(key, reason)]
-    other_members: Counter = field(default_factory=Counter)  # extension -> count, members the loader never reads
+    other_members: Counter = field(
+        default_factory=Counter
+    )  # extension -> count, members the loader never reads
     error: str = ""
 
 
@@ -105,7 +109,7 @@ def class_names(indexes, names_file):
     """The class list: from names_file, else what the shards' json named, else the labels themselves."""
     labels = sorted(set().union(*(index.labels for index in indexes)))
     if not labels:
-        raise UserError("no sample of the shards has a label (a cls member, or a json with \"label\")")
+        raise UserError('no sample of the shards has a label (a cls member, or a json with "label")')
     if labels[0] < 0:
         raise UserError(f"label {labels[0]} is negative; labels must be 0 .. classes - 1")
     if names_file:
@@ -114,8 +118,9 @@ def class_names(indexes, names_file):
         except OSError as error:
             raise UserError(f"--class-names {names_file}: {error}") from None
         if labels[-1] >= len(names):
-            raise UserError(f"--class-names {names_file} names {len(names)} classes; the shards have label "
-                            f"{labels[-1]}")
+            raise UserError(
+                f"--class-names {names_file} names {len(names)} classes; the shards have label {labels[-1]}"
+            )
         return names
     given = {}
     for index in indexes:
@@ -137,38 +142,65 @@ def build_manifest(locations, out, split, names_file=None, workers=1):
     out = Path(out)
     missing = [location for location in locations if not is_url(location) and not os.path.isfile(location)]
     if missing:
-        raise UserError(f"shard {missing[0]} does not exist ({len(missing)} of the {len(locations)} the pattern "
-                        "names do not)")
+        raise UserError(
+            f"shard {missing[0]} does not exist ({len(missing)} of the {len(locations)} the pattern "
+            "names do not)"
+        )
     indexes = []
     with multiprocessing.get_context("fork").Pool(max(1, min(workers, len(locations)))) as pool:
-        for index in tqdm(pool.imap(index_shard, locations), total=len(locations), unit="shard", desc="indexing",
-                          dynamic_ncols=True):
+        for index in tqdm(
+            pool.imap(index_shard, locations),
+            total=len(locations),
+            unit="shard",
+            desc="indexing",
+            dynamic_ncols=True,
+        ):
             indexes.append(index)
     broken = [index for index in indexes if index.error]
     if broken:
-        raise UserError(f"{len(broken)} shards could not be read, e.g. {broken[0].location}: {broken[0].error}; "
-                        "fix or leave them out of the pattern")
+        raise UserError(
+            f"{len(broken)} shards could not be read, e.g. {broken[0].location}: {broken[0].error}; "
+            "fix or leave them out of the pattern"
+        )
     classes = class_names(indexes, names_file)
-    odd = [{"path": f"{index.location}:{key}", "reason": reason} for index in indexes for key, reason in index.odd]
+    odd = [
+        {"path": f"{index.location}:{key}", "reason": reason}
+        for index in indexes
+        for key, reason in index.odd
+    ]
     other = sum((index.other_members for index in indexes), Counter())
-    skipped = odd[:MAX_LISTED] + ([{"path": "...", "reason": f"{len(odd) - MAX_LISTED} more samples"}]
-                                  if len(odd) > MAX_LISTED else [])
-    skipped += [{"path": f"*.{extension}", "reason": f"{count} members the loader does not read"}
-                for extension, count in sorted(other.items())]
+    skipped = odd[:MAX_LISTED] + (
+        [{"path": "...", "reason": f"{len(odd) - MAX_LISTED} more samples"}] if len(odd) > MAX_LISTED else []
+    )
+    skipped += [
+        {"path": f"*.{extension}", "reason": f"{count} members the loader does not read"}
+        for extension, count in sorted(other.items())
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out_dir = out.parent.resolve()
-    shards = [ShardInfo(shard_name(index.location, out_dir), index.num_samples, index.bytes, index.sha256)
-              for index in indexes]
+    shards = [
+        ShardInfo(shard_name(index.location, out_dir), index.num_samples, index.bytes, index.sha256)
+        for index in indexes
+    ]
     fingerprint = "lg-index:" + ",".join(index.sha256[:12] for index in indexes)[:4096]
-    manifest = Manifest(split, classes, sum(s.num_samples for s in shards), shards, skipped=skipped,
-                        fingerprint=fingerprint, root=out.parent)
+    manifest = Manifest(
+        split,
+        classes,
+        sum(s.num_samples for s in shards),
+        shards,
+        skipped=skipped,
+        fingerprint=fingerprint,
+        root=out.parent,
+    )
     manifest.save(out)
     return manifest, len(odd)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="lg-index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("pattern", help="shard locations, with braces: 'DIR/train-{0000..1023}.tar' (quote it)")
+    parser.add_argument(
+        "pattern", help="shard locations, with braces: 'DIR/train-{0000..1023}.tar' (quote it)"
+    )
     parser.add_argument("out", type=Path, help="the manifest to write, e.g. OUT/train.json")
     parser.add_argument("--split", default=None, help="the split's name (default: the manifest's file name)")
     parser.add_argument("--class-names", default=None, help="a file naming class i on line i")
@@ -184,9 +216,13 @@ def main(argv=None):
     locations = expand_urls(args.pattern)
     if not locations:
         raise UserError(f"pattern {args.pattern!r} names no shard")
-    manifest, odd = build_manifest(locations, args.out, args.split or args.out.stem, args.class_names, args.workers)
-    print(f"{args.out}: {len(manifest.shards)} shards, {manifest.num_samples} samples, {len(manifest.classes)} "
-          f"classes; {odd} samples without an image or label (the loader counts them as bad)")
+    manifest, odd = build_manifest(
+        locations, args.out, args.split or args.out.stem, args.class_names, args.workers
+    )
+    print(
+        f"{args.out}: {len(manifest.shards)} shards, {manifest.num_samples} samples, {len(manifest.classes)} "
+        f"classes; {odd} samples without an image or label (the loader counts them as bad)"
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ A shard is written under a temporary name, its record saved under OUT/.{split}.p
 then renamed into place; running the same command again after a crash or Ctrl-C redoes only the
 shards that are missing, so the finished set holds every image exactly once.
 """
+
 import argparse
 import ctypes
 import hashlib
@@ -50,7 +51,8 @@ class ShardPlan:
 
 
 def _tar_bytes(image_bytes):
-    """Archive bytes of a sample: three headers, the image rounded up to blocks, one block each for cls and json."""
+    """Archive bytes of a sample: three headers, the image rounded up to blocks, one block each for cls and
+    json."""
     return 5 * TAR_BLOCK + -(-image_bytes // TAR_BLOCK) * TAR_BLOCK
 
 
@@ -61,7 +63,7 @@ def plan_shards(images, split, seed, max_per_shard=None, max_bytes=None, src=Non
     keyed = [(f"{position:08d}", image) for position, image in enumerate(images)]
     groups = []
     if max_bytes is None:
-        groups = [keyed[i:i + max_per_shard] for i in range(0, len(keyed), max_per_shard)]
+        groups = [keyed[i : i + max_per_shard] for i in range(0, len(keyed), max_per_shard)]
     else:
         size = 0
         for item in keyed:
@@ -84,8 +86,9 @@ def fingerprint(plans, classes, options):
     return digest.hexdigest()
 
 
-def write_shard(src, out, progress, plan, reencode, full_decode, run_fingerprint, max_side=0,
-                quality=RESIZED_QUALITY):
+def write_shard(
+    src, out, progress, plan, reencode, full_decode, run_fingerprint, max_side=0, quality=RESIZED_QUALITY
+):
     """Write one shard; its record is saved before the shard is renamed into place."""
     temporary = out / f".{plan.name}.tmp"
     skipped, converted, resized, read_bytes = [], 0, 0, 0
@@ -111,8 +114,14 @@ def write_shard(src, out, progress, plan, reencode, full_decode, run_fingerprint
             meta = json.dumps({"path": image.path, "class": image.class_name}).encode()
             writer.write({"__key__": key, "jpg": data, "cls": str(image.label).encode(), "json": meta})
     shard = ShardInfo(plan.name, len(plan.samples) - len(skipped), writer.bytes, writer.sha256.hexdigest())
-    record = {"fingerprint": run_fingerprint, "index": plan.index, "shard": asdict(shard), "skipped": skipped,
-              "converted": converted, "resized": resized}
+    record = {
+        "fingerprint": run_fingerprint,
+        "index": plan.index,
+        "shard": asdict(shard),
+        "skipped": skipped,
+        "converted": converted,
+        "resized": resized,
+    }
     write_json_atomic(progress / f"{plan.index:06d}.json", record)
     os.replace(temporary, out / plan.name)
     return record, len(plan.samples), read_bytes
@@ -136,7 +145,9 @@ def write_shards(tasks, workers, total_images):
     bar = tqdm(total=total_images, unit="img", unit_scale=True, desc="sharding", dynamic_ncols=True)
     started, read_mb = time.perf_counter(), 0.0
     if workers > 1 and len(tasks) > 1:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), initializer=_die_with_parent)
+        pool = multiprocessing.get_context("fork").Pool(
+            min(workers, len(tasks)), initializer=_die_with_parent
+        )
         results = pool.imap_unordered(_write_shard_task, tasks)
     else:
         pool, results = None, map(_write_shard_task, tasks)
@@ -180,8 +191,10 @@ def _load_done_records(out, split, progress, plans, run_fingerprint):
             continue
         record_path = progress / f"{plan.index:06d}.json"
         if not record_path.is_file():
-            raise UserError(f"{out / plan.name} exists but was not written by this command; "
-                            f"shard into an empty folder or remove the {split}-*.tar files")
+            raise UserError(
+                f"{out / plan.name} exists but was not written by this command; "
+                f"shard into an empty folder or remove the {split}-*.tar files"
+            )
         record = json.loads(record_path.read_text())
         if record["fingerprint"] != run_fingerprint:
             raise UserError(f"{out / plan.name} {foreign}; shard into an empty folder or remove it")
@@ -198,36 +211,74 @@ def parse_args(argv):
     parser.add_argument("src", type=Path, help="ImageNet root (holding train/ and val/) or an ImageFolder")
     parser.add_argument("out", type=Path, help="output folder for {split}-NNNNNN.tar and {split}.json")
     parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--layout", default="imagenet", choices=("imagenet", "imagefolder"),
-                        help="imagefolder: class = subfolder of SRC/SPLIT (or of SRC if that does not exist)")
+    parser.add_argument(
+        "--layout",
+        default="imagenet",
+        choices=("imagenet", "imagefolder"),
+        help="imagefolder: class = subfolder of SRC/SPLIT (or of SRC if that does not exist)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--max-per-shard", type=int, default=1000, help="images per shard (default 1000)")
     size.add_argument("--shard-size-mb", type=float, help="cut shards by source bytes instead of count")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                        help="shards written in parallel processes (default: the CPUs available)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="shards written in parallel processes (default: the CPUs available)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
-    parser.add_argument("--reencode", action="store_true",
-                        help="convert CMYK/grayscale JPEGs and non-JPEG files to RGB JPEG")
-    parser.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer side exceeds N "
-                        "pixels at that size (FFCV stores ImageNet at 256-512); smaller ones keep their bytes")
-    parser.add_argument("--quality", type=int, default=RESIZED_QUALITY,
-                        help=f"JPEG quality of the images --max-side re-encodes (default {RESIZED_QUALITY})")
-    parser.add_argument("--full-decode", action="store_true",
-                        help="fully decode every JPEG to check it (default: a structural check, ~100x cheaper)")
+    parser.add_argument(
+        "--reencode", action="store_true", help="convert CMYK/grayscale JPEGs and non-JPEG files to RGB JPEG"
+    )
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=0,
+        help="re-encode images whose longer side exceeds N "
+        "pixels at that size (FFCV stores ImageNet at 256-512); smaller ones keep their bytes",
+    )
+    parser.add_argument(
+        "--quality",
+        type=int,
+        default=RESIZED_QUALITY,
+        help=f"JPEG quality of the images --max-side re-encodes (default {RESIZED_QUALITY})",
+    )
+    parser.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="fully decode every JPEG to check it (default: a structural check, ~100x cheaper)",
+    )
     subset = parser.add_mutually_exclusive_group()
-    subset.add_argument("--subset-file", type=Path, help="shard only the files this list names, one base name a "
-                        "line (SimCLR's ImageNet 1percent.txt / 10percent.txt); a missing name is an error")
-    subset.add_argument("--subset-fraction", type=float, help="shard this fraction of every class (at least one "
-                        "image each), chosen by --subset-seed")
+    subset.add_argument(
+        "--subset-file",
+        type=Path,
+        help="shard only the files this list names, one base name a "
+        "line (SimCLR's ImageNet 1percent.txt / 10percent.txt); a missing name is an error",
+    )
+    subset.add_argument(
+        "--subset-fraction",
+        type=float,
+        help="shard this fraction of every class (at least one image each), chosen by --subset-seed",
+    )
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of --subset-fraction's choice")
-    parser.add_argument("--val-labels", type=Path,
-                        help="flat ImageNet val: ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv "
-                             "(default: looked for in SRC)")
-    parser.add_argument("--synsets", type=Path,
-                        help="the devkit's meta.mat (or wnids in ILSVRC2012_ID order) for the ground-truth IDs "
-                             "(default: meta.mat beside the label file)")
+    parser.add_argument(
+        "--val-labels",
+        type=Path,
+        help="flat ImageNet val: ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv "
+        "(default: looked for in SRC)",
+    )
+    parser.add_argument(
+        "--synsets",
+        type=Path,
+        help="the devkit's meta.mat (or wnids in ILSVRC2012_ID order) for the ground-truth IDs "
+        "(default: meta.mat beside the label file)",
+    )
     args = parser.parse_args(argv)
-    if args.max_per_shard < 1 or (args.shard_size_mb is not None and args.shard_size_mb <= 0) or args.workers < 1:
+    if (
+        args.max_per_shard < 1
+        or (args.shard_size_mb is not None and args.shard_size_mb <= 0)
+        or args.workers < 1
+    ):
         parser.error("--max-per-shard, --shard-size-mb and --workers must be positive")
     if args.max_side < 0 or (args.max_side and args.max_side < 32) or not 1 <= args.quality <= 100:
         parser.error(f"--max-side {args.max_side}: 0 (off) or at least 32; --quality in 1-100")
@@ -242,8 +293,14 @@ def main(argv=None):
         raise UserError(f"source folder {args.src} does not exist")
     _check_out(out, split)
     log.info("listing %s images under %s", split, args.src)
-    source = find_split(args.src, split, args.layout, classes=_classes_of_other_split(out, split),
-                        val_labels=args.val_labels, synsets=args.synsets)
+    source = find_split(
+        args.src,
+        split,
+        args.layout,
+        classes=_classes_of_other_split(out, split),
+        val_labels=args.val_labels,
+        synsets=args.synsets,
+    )
     log.info("found %d images in %d classes", len(source.images), len(source.classes))
     subset = {}
     if args.subset_file:
@@ -258,9 +315,15 @@ def main(argv=None):
     max_bytes = None if args.shard_size_mb is None else int(args.shard_size_mb * 1e6)
     plans = plan_shards(source.images, split, args.seed, args.max_per_shard, max_bytes, args.src)
     resize = {"max_side": args.max_side, "quality": args.quality} if args.max_side else {}
-    options = {"split": split, "layout": args.layout, "seed": args.seed, "reencode": args.reencode,
-               "full_decode": args.full_decode, **({"subset": subset} if subset else {}),
-               **({"resize": resize} if resize else {})}
+    options = {
+        "split": split,
+        "layout": args.layout,
+        "seed": args.seed,
+        "reencode": args.reencode,
+        "full_decode": args.full_decode,
+        **({"subset": subset} if subset else {}),
+        **({"resize": resize} if resize else {}),
+    }
     run_fingerprint = fingerprint(plans, source.classes, options)
 
     manifest_path = out / f"{split}.json"
@@ -277,8 +340,21 @@ def main(argv=None):
     records = _load_done_records(out, split, progress, plans, run_fingerprint)
     if records:
         log.info("resuming: %d of %d shards are already complete", len(records), len(plans))
-    tasks = [(args.src, out, progress, plan, args.reencode, args.full_decode, run_fingerprint, args.max_side,
-              args.quality) for plan in plans if plan.index not in records]
+    tasks = [
+        (
+            args.src,
+            out,
+            progress,
+            plan,
+            args.reencode,
+            args.full_decode,
+            run_fingerprint,
+            args.max_side,
+            args.quality,
+        )
+        for plan in plans
+        if plan.index not in records
+    ]
     pending_images = sum(len(task[3].samples) for task in tasks)
     for record in write_shards(tasks, args.workers, pending_images):
         records[record["index"]] = record
@@ -287,16 +363,26 @@ def main(argv=None):
     shards = [ShardInfo(**record["shard"]) for record in records]
     skipped = source.unlabeled + [item for record in records for item in record["skipped"]]
     resized = sum(record.get("resized", 0) for record in records)
-    manifest = Manifest(split, source.classes, sum(s.num_samples for s in shards), shards, skipped, run_fingerprint,
-                        subset, {**resize, "resized": resized} if resize else {})
+    manifest = Manifest(
+        split,
+        source.classes,
+        sum(s.num_samples for s in shards),
+        shards,
+        skipped,
+        run_fingerprint,
+        subset,
+        {**resize, "resized": resized} if resize else {},
+    )
     manifest.save(manifest_path)
     shutil.rmtree(progress)
     converted = sum(record["converted"] for record in records)
-    print(f"wrote {manifest.num_samples} {split} samples in {len(shards)} shards "
-          f"({sum(s.bytes for s in shards) / 1e9:.2f} GB) to {out}; skipped {len(skipped)}"
-          + (f", re-encoded {converted}" if converted else "")
-          + (f", resized {resized} to a longer side of {args.max_side}" if resize else "")
-          + f"; manifest {manifest_path}")
+    print(
+        f"wrote {manifest.num_samples} {split} samples in {len(shards)} shards "
+        f"({sum(s.bytes for s in shards) / 1e9:.2f} GB) to {out}; skipped {len(skipped)}"
+        + (f", re-encoded {converted}" if converted else "")
+        + (f", resized {resized} to a longer side of {args.max_side}" if resize else "")
+        + f"; manifest {manifest_path}"
+    )
     return 0
 
 

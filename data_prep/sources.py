@@ -3,6 +3,7 @@
 A class index is always the position of the class name (wnid or folder name) in the sorted class list,
 so the train and val splits of ImageNet agree however the val labels were supplied.
 """
+
 import csv
 import os
 import re
@@ -67,7 +68,11 @@ def _image_files(folder, src):
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         prefix = Path(os.path.relpath(dirpath, src)).as_posix()
-        found += [f"{prefix}/{f}" for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [
+            f"{prefix}/{f}"
+            for f in filenames
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return sorted(found)
 
 
@@ -92,8 +97,10 @@ def _class_folders(src, root, classes, name_pattern):
 def _check_classes(classes, found, where):
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise UserError(f"{where} has classes the other split does not have: {', '.join(unknown[:5])}"
-                        f"{' …' if len(unknown) > 5 else ''}; shard both splits from the same class set")
+        raise UserError(
+            f"{where} has classes the other split does not have: {', '.join(unknown[:5])}"
+            f"{' …' if len(unknown) > 5 else ''}; shard both splits from the same class set"
+        )
     return sorted(classes)
 
 
@@ -130,11 +137,17 @@ def read_val_labels(src, val_labels=None, synsets=None):
     """
     src = Path(src)
     if val_labels is None:
-        candidates = [src / KAGGLE_VAL_LABELS, src / DEVKIT_DATA / DEVKIT_GROUND_TRUTH, src / DEVKIT_GROUND_TRUTH]
+        candidates = [
+            src / KAGGLE_VAL_LABELS,
+            src / DEVKIT_DATA / DEVKIT_GROUND_TRUTH,
+            src / DEVKIT_GROUND_TRUTH,
+        ]
         val_labels = next((c for c in candidates if c.is_file()), None)
         if val_labels is None:
-            raise UserError(f"{src / 'val'} is flat but no label file was found (looked for "
-                            f"{', '.join(str(c) for c in candidates)}); pass --val-labels")
+            raise UserError(
+                f"{src / 'val'} is flat but no label file was found (looked for "
+                f"{', '.join(str(c) for c in candidates)}); pass --val-labels"
+            )
     val_labels = Path(val_labels)
     if not val_labels.is_file():
         raise UserError(f"label file {val_labels} does not exist")
@@ -146,7 +159,9 @@ def read_val_labels(src, val_labels=None, synsets=None):
         try:
             labels[number] = wnid_of_id[int(line)]
         except (ValueError, KeyError):
-            raise UserError(f"{val_labels} line {number}: {line!r} is not an ILSVRC2012_ID of a class") from None
+            raise UserError(
+                f"{val_labels} line {number}: {line!r} is not an ILSVRC2012_ID of a class"
+            ) from None
     return labels, val_labels
 
 
@@ -168,8 +183,10 @@ def read_synsets(path):
     """ILSVRC2012_ID -> wnid of the 1,000 leaf classes, from the devkit's meta.mat or a wnid list."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist: ILSVRC2012_IDs need the devkit's meta.mat "
-                        "(or a text file of wnids in ILSVRC2012_ID order) passed as --synsets")
+        raise UserError(
+            f"{path} does not exist: ILSVRC2012_IDs need the devkit's meta.mat "
+            "(or a text file of wnids in ILSVRC2012_ID order) passed as --synsets"
+        )
     if path.suffix == ".mat":
         from scipy.io import loadmat
 
@@ -180,8 +197,10 @@ def read_synsets(path):
             raise UserError(f"{path} is not the ILSVRC2012 devkit's meta.mat ({error})") from None
     wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if len(wnids) > 1 and wnids == sorted(wnids):
-        raise UserError(f"{path} lists wnids in sorted order, but ILSVRC2012_IDs follow the devkit's "
-                        "meta.mat order; pass meta.mat (or the wnids in ILSVRC2012_ID order)")
+        raise UserError(
+            f"{path} lists wnids in sorted order, but ILSVRC2012_IDs follow the devkit's "
+            "meta.mat order; pass meta.mat (or the wnids in ILSVRC2012_ID order)"
+        )
     return {i: wnid for i, wnid in enumerate(wnids, start=1)}
 
 

@@ -8,6 +8,7 @@ Two ways, both exact and both recorded in the manifest (`subset`):
 lg-shard writes the subset as shards and a manifest of their own (`lg-shard ... --subset-file FILE`),
 so loading, epoch coverage and resume are those of any split.
 """
+
 import random
 from pathlib import Path, PurePosixPath
 
@@ -34,8 +35,10 @@ def select_listed(images, names, where):
         by_name.setdefault(PurePosixPath(image.path).name, []).append(image)
     missing = [name for name in names if name not in by_name]
     if missing:
-        raise UserError(f"{where}: {missing[0]!r} is not an image of this split ({len(missing)} of the "
-                        f"{len(names)} listed names are missing)")
+        raise UserError(
+            f"{where}: {missing[0]!r} is not an image of this split ({len(missing)} of the "
+            f"{len(names)} listed names are missing)"
+        )
     ambiguous = [name for name in names if len(by_name[name]) > 1]
     if ambiguous:
         raise UserError(f"{where}: {ambiguous[0]!r} names {len(by_name[ambiguous[0]])} files of this split")

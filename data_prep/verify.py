@@ -11,6 +11,7 @@ and checks that labels (cls, or the json's "label") lie in the class list and ag
 json. Prints one line per problem; exit code 1 if
 there is any.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -66,7 +67,9 @@ def verify_shard(path, expected, classes, max_side=0):
         try:
             height, width = decode_image(image_bytes(sample)).shape[1:]
             if max_side and max(height, width) > max_side:
-                problems.append(f"{where}: {width}x{height} pixels, longer than the manifest's max_side {max_side}")
+                problems.append(
+                    f"{where}: {width}x{height} pixels, longer than the manifest's max_side {max_side}"
+                )
         except Exception as error:  # any decoder failure is a finding, not a crash
             problems.append(f"{where}: image does not decode: {error}")
         try:
@@ -102,7 +105,9 @@ def main(argv=None):
     tasks = [(url, shard, manifest.classes, max_side) for url, shard in zip(manifest.urls, manifest.shards)]
     problems, total = [], 0
     with multiprocessing.get_context("fork").Pool(max(1, min(args.workers, len(tasks)))) as pool:
-        bar = tqdm(total=manifest.num_samples, unit="img", unit_scale=True, desc="verifying", dynamic_ncols=True)
+        bar = tqdm(
+            total=manifest.num_samples, unit="img", unit_scale=True, desc="verifying", dynamic_ncols=True
+        )
         for shard_problems, count in pool.imap(_verify_task, tasks):
             problems += shard_problems
             total += count

@@ -1,4 +1,5 @@
-"""lg-analyze: per-layer measurements of frozen ViTs (seeds 000, 001, 002: what CL and MIM learn, layer by layer).
+"""lg-analyze: per-layer measurements of frozen ViTs (seeds 000, 001, 002: what CL and MIM learn, layer by
+layer).
 
     lg-analyze ENCODER [ENCODER ...] --val VAL.json [--names MAE MoCo MIM-CL] [--train TRAIN.json]
                [--images 64] [--out DIR] [--tb DIR]
@@ -26,6 +27,7 @@ softmax output as it enters each block's `attn_drop`; `block_tokens` records eac
   highest spatial frequency minus that of frequency 0 (Park et al.'s Fourier analysis): higher for
   feature maps with more high-frequency content.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -38,14 +40,20 @@ from pretrain.data.views import normalize
 from pretrain.evaluation.features import architecture, encoder_from, extract_features, linear_probe_accuracy
 from pretrain.evaluation.measures import linear_cka, measure
 
-LINE_MEASURES = {"attention_distance_px": "mean attention distance (px)", "attention_nmi": "attention NMI",
-                 "token_cosine": "token cosine similarity", "head_cosine": "head cosine similarity",
-                 "fourier_high_frequency": "Δ log amplitude (high − zero frequency)", "linear_probe": "linear probe top-1 (%)"}
+LINE_MEASURES = {
+    "attention_distance_px": "mean attention distance (px)",
+    "attention_nmi": "attention NMI",
+    "token_cosine": "token cosine similarity",
+    "head_cosine": "head cosine similarity",
+    "fourier_high_frequency": "Δ log amplitude (high − zero frequency)",
+    "linear_probe": "linear probe top-1 (%)",
+}
 
 
 def held_out_batch(manifest, count, img_size):
-    loader = make_loader(manifest, count, view="eval", img_size=img_size, mode="epoch", num_workers=0,
-                         rank=0, world_size=1)
+    loader = make_loader(
+        manifest, count, view="eval", img_size=img_size, mode="epoch", num_workers=0, rank=0, world_size=1
+    )
     return normalize(next(iter(loader.epoch(0)))["images"])
 
 
@@ -98,10 +106,14 @@ def _save(figure, path, writer, tag):
 @cli_entry("lg-analyze")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="lg-analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("encoders", type=Path, nargs="+", help="run directories, lg-export files or release files")
+    parser.add_argument(
+        "encoders", type=Path, nargs="+", help="run directories, lg-export files or release files"
+    )
     parser.add_argument("--val", type=Path, required=True, help="manifest of the held-out split")
     parser.add_argument("--train", type=Path, help="manifest for the per-layer linear probes (optional)")
-    parser.add_argument("--names", nargs="+", help="one label per encoder (default: the file or directory names)")
+    parser.add_argument(
+        "--names", nargs="+", help="one label per encoder (default: the file or directory names)"
+    )
     parser.add_argument("--images", type=int, default=64, help="held-out images measured")
     parser.add_argument("--arch", help="for release files: vit_tiny ... vit_huge")
     parser.add_argument("--img-size", type=int, default=224)
@@ -114,7 +126,7 @@ def main(argv=None):
         raise UserError(f"--names gives {len(names)} names for {len(args.encoders)} encoders")
     args.out.mkdir(parents=True, exist_ok=True)
     results, first_features = [], None
-    for source, name in tqdm(list(zip(args.encoders, names)), desc="encoders", unit="encoder"):
+    for source in tqdm(args.encoders, desc="encoders", unit="encoder"):
         arch, img_size, patch_size = architecture(source, args)
         encoder = encoder_from(source, arch, img_size, patch_size)
         result, features = measure(encoder, held_out_batch(args.val, args.images, img_size), patch_size)
@@ -124,10 +136,14 @@ def main(argv=None):
             result[f"cka_vs_{names[0]}"] = [[linear_cka(a, b) for a in first_features] for b in features]
         if args.train:
             layers = range(len(encoder.blocks))
-            (train_f, train_y), (val_f, val_y) = (extract_features(encoder, split, img_size, layers=layers)
-                                                  for split in (args.train, args.val))
-            result["linear_probe"] = [100 * linear_probe_accuracy(train_f["token", i], train_y, val_f["token", i],
-                                                                  val_y, epochs=100) for i in layers]
+            (train_f, train_y), (val_f, val_y) = (
+                extract_features(encoder, split, img_size, layers=layers) for split in (args.train, args.val)
+            )
+            result["linear_probe"] = [
+                100
+                * linear_probe_accuracy(train_f["token", i], train_y, val_f["token", i], val_y, epochs=100)
+                for i in layers
+            ]
         results.append(result)
     writer = None
     if args.tb:

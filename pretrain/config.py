@@ -3,6 +3,7 @@
 Unknown keys and values of the wrong type are a `UserError` naming the key (and the file) before any
 work starts; `Config.validate` checks the ranges.
 """
+
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -25,8 +26,19 @@ from pretrain.data.views import (
 )
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
-METHODS = ("mae", "mocov3", "hybrid", "simclr", "byol", "simsiam", "simmim", "cmae", "conmim", "finetune",
-           "linprobe")
+METHODS = (
+    "mae",
+    "mocov3",
+    "hybrid",
+    "simclr",
+    "byol",
+    "simsiam",
+    "simmim",
+    "cmae",
+    "conmim",
+    "finetune",
+    "linprobe",
+)
 OPTIMIZERS = ("adamw", "lars", "sgd")  # see pretrain.training.optimizers
 LINPROBE_PROTOCOLS = ("mae", "mocov3")
 GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
@@ -43,8 +55,12 @@ class RunConfig:
     save_every: int = 1000  # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     keep_last: int = 3  # checkpoints kept
     max_steps: int = 0  # stop after this many steps in total (0: run the whole schedule)
-    diagnostics_every: int = 100  # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
-    knn_every: int = 0  # steps between online kNN measurements (eval/knn_top1) on data.knn_train/knn_val; 0: off
+    diagnostics_every: int = (
+        100  # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
+    )
+    knn_every: int = (
+        0  # steps between online kNN measurements (eval/knn_top1) on data.knn_train/knn_val; 0: off
+    )
     knn_pool: str = "token"  # the kNN monitor's features: class token | mean (of the patch tokens)
     # Seconds a collective may wait for a silent peer before every rank stops with an error (a dead peer
     # is noticed at once; this catches a hung one). Long enough for the slowest checkpoint write.
@@ -53,8 +69,11 @@ class RunConfig:
     # from a divergence. The later tags are kept, renamed TAG.abandoned.
     resume_tag: str = ""
     skip_batches: int = 0  # with resume_tag: skip this many steps' batches after it (those that blew up)
-    lr_factor: float = 1.0  # multiplies the learning rate of every group (lower it to recover from a divergence)
-    # Divergence guards (pretrain/training/divergence.py): stop, keeping the checkpoint from before, when the loss
+    lr_factor: float = (
+        1.0  # multiplies the learning rate of every group (lower it to recover from a divergence)
+    )
+    # Divergence guards (pretrain/training/divergence.py): stop, keeping the checkpoint from before, when
+    # the loss
     # exceeds loss_spike x its running mean, or the gradient norm grad_norm_spike x its own (0: off).
     loss_spike: float = 5.0
     grad_norm_spike: float = 0.0
@@ -190,16 +209,22 @@ class FinetuneConfig:
     are graft.init."""
 
     val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_<method>.json); empty: none
-    eval_every: float = 0.0  # epochs between measurements on val during training (best and last kept); 0: the end only
+    eval_every: float = (
+        0.0  # epochs between measurements on val during training (best and last kept); 0: the end only
+    )
     keep_best: bool = True  # with eval_every: write the best measured weights to RUN_DIR/classifier_best.pth
     num_classes: int = 0  # 0: as many as data.train's manifest lists
     pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
     label_smoothing: float = 0.1
     min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
-    interpolation: str = "bicubic"  # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
+    interpolation: str = (
+        "bicubic"  # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
+    )
     flip: bool = True  # ... horizontal flips ...
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # ... timm's RandAugment of this spec (empty: off) ...
-    random_erasing: float = 0.0  # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
+    random_erasing: float = (
+        0.0  # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
+    )
     mixup: float = 0.0  # ... and timm's Mixup: mixup alpha (MAE: 0.8; 0: off) ...
     cutmix: float = 0.0  # ... cutmix alpha (MAE: 1.0; 0: off) ...
     mix_switch_prob: float = 0.5  # ... the chance of cutmix rather than mixup when both are on
@@ -221,7 +246,7 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr x global batch / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     epochs: float = 800
     warmup_epochs: float = 40
     clip_grad: float = 0.0  # global gradient-norm clipping; 0 turns it off
@@ -229,7 +254,9 @@ class OptimConfig:
     # Parameters without weight decay: none | 1d (biases, norms) | 1d_tokens (and position embeddings,
     # class / mask tokens); empty: the method's official recipe (MoCo v3 none, MAE 1d, fine-tuning 1d_tokens).
     decay_exempt: str = ""
-    optimizer: str = "adamw"  # adamw (betas) | lars (timm's, MAE's linear probe) | sgd (MoCo v3's linear probe)
+    optimizer: str = (
+        "adamw"  # adamw (betas) | lars (timm's, MAE's linear probe) | sgd (MoCo v3's linear probe)
+    )
     momentum: float = 0.9  # lars and sgd
 
 
@@ -240,19 +267,23 @@ class GraftConfig:
 
     init: str = ""  # starting weights: a run directory, an lg-export .pth, or MAE's release ({'model': ...})
     rule: str = "none"  # none | list | split | ramp | freeze | auto (split chosen from measurements)
-    scales: typing.List[float] = field(default_factory=lambda: [0.1, 0.1, 1.0])  # list: spread evenly over blocks
+    scales: list[float] = field(default_factory=lambda: [0.1, 0.1, 1.0])  # list: spread evenly over blocks
     split: int = 8  # split / ramp / freeze: blocks 0 .. split-1 (and the embeddings) form the lower part
     lower_scale: float = 0.1  # split / ramp
     upper_scale: float = 1.0  # split / ramp / freeze
     ramp_width: float = 1.0  # ramp: layers over which the scale changes by a factor e^1 of its log-range
     l1_weight: float = 0.0  # pull toward the starting weights: l1_weight * sum |w - w0| ...
-    l1_to_layer: int = 12  # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
+    l1_to_layer: int = (
+        12  # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
+    )
     # auto: split from the measured per-block MIM-vs-CL gradient cosine (pretrain/graft/auto_split.py)
     auto_from: str = ""  # a hybrid run whose logged cosines decide; empty: probe first (RUN_DIR/graft_probe)
     probe_steps: int = 300  # hybrid steps of the probe, from graft.init
     probe_every: int = 25  # steps between its measurements
     auto_threshold: float = 0.0  # cosine below which a block counts as conflicting ...
-    auto_confidence: float = 2.0  # ... if this many standard errors away (0: always); if no block is: keep split
+    auto_confidence: float = (
+        2.0  # ... if this many standard errors away (0: always); if no block is: keep split
+    )
 
 
 @dataclass
@@ -289,84 +320,181 @@ class Config:
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
             (self.model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}"),
             (self.model.global_pool in ("token", "avg"), "model.global_pool", "token or avg"),
-            (self.deepspeed.precision in PRECISIONS, "deepspeed.precision", f"one of {', '.join(PRECISIONS)}"),
+            (
+                self.deepspeed.precision in PRECISIONS,
+                "deepspeed.precision",
+                f"one of {', '.join(PRECISIONS)}",
+            ),
             (0 < self.mae.mask_ratio < 1, "mae.mask_ratio", "between 0 and 1"),
             (0 <= self.model.drop_path < 1, "model.drop_path", "in [0, 1)"),
             (self.optim.base_lr > 0 and self.optim.min_lr >= 0, "optim.base_lr", "positive (min_lr >= 0)"),
-            (0 <= self.optim.warmup_epochs <= self.optim.epochs and self.optim.epochs > 0, "optim.warmup_epochs",
-             "between 0 and optim.epochs (> 0)"),
+            (
+                0 <= self.optim.warmup_epochs <= self.optim.epochs and self.optim.epochs > 0,
+                "optim.warmup_epochs",
+                "between 0 and optim.epochs (> 0)",
+            ),
             (len(self.optim.betas) == 2, "optim.betas", "two numbers"),
             (0 < self.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1]"),
-            (self.optim.decay_exempt in ("", *DECAY_EXEMPTIONS), "optim.decay_exempt",
-             f"empty (the method's recipe) or one of {', '.join(DECAY_EXEMPTIONS)}"),
+            (
+                self.optim.decay_exempt in ("", *DECAY_EXEMPTIONS),
+                "optim.decay_exempt",
+                f"empty (the method's recipe) or one of {', '.join(DECAY_EXEMPTIONS)}",
+            ),
             (0 <= self.moco.momentum < 1, "moco.momentum", "in [0, 1)"),
             (self.moco.temperature > 0, "moco.temperature", "positive"),
             (0 <= self.hybrid.weight <= 1, "hybrid.weight", "in [0, 1]"),
             (0 < self.simmim.mask_ratio < 1, "simmim.mask_ratio", "between 0 and 1"),
             (0 < self.conmim.mask_ratio < 1, "conmim.mask_ratio", "between 0 and 1"),
-            (self.method != "simmim" or self._divides_grid(self.simmim.mask_patch_size), "simmim.mask_patch_size",
-             f"a multiple of the patch size {self.model.patch} that divides data.img_size"),
-            (self.method != "conmim" or self._divides_grid(self.conmim.mask_patch_size), "conmim.mask_patch_size",
-             f"a multiple of the patch size {self.model.patch} that divides data.img_size"),
-            (0 <= self.byol.momentum < 1 and 0 <= self.cmae.momentum < 1 and 0 <= self.conmim.momentum < 1,
-             "byol.momentum", "in [0, 1) (cmae.momentum and conmim.momentum too)"),
-            (min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
-             "simclr.temperature", "positive (cmae.temperature and conmim.temperature too)"),
+            (
+                self.method != "simmim" or self._divides_grid(self.simmim.mask_patch_size),
+                "simmim.mask_patch_size",
+                f"a multiple of the patch size {self.model.patch} that divides data.img_size",
+            ),
+            (
+                self.method != "conmim" or self._divides_grid(self.conmim.mask_patch_size),
+                "conmim.mask_patch_size",
+                f"a multiple of the patch size {self.model.patch} that divides data.img_size",
+            ),
+            (
+                0 <= self.byol.momentum < 1 and 0 <= self.cmae.momentum < 1 and 0 <= self.conmim.momentum < 1,
+                "byol.momentum",
+                "in [0, 1) (cmae.momentum and conmim.momentum too)",
+            ),
+            (
+                min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
+                "simclr.temperature",
+                "positive (cmae.temperature and conmim.temperature too)",
+            ),
             (self.finetune.pool in ("mean", "token"), "finetune.pool", "mean or token"),
             (0 < self.finetune.min_scale <= 1, "finetune.min_scale", "in (0, 1]"),
-            (self.finetune.interpolation in INTERPOLATIONS, "finetune.interpolation",
-             f"one of {', '.join(INTERPOLATIONS)}"),
-            (self.finetune.rand_augment == "" or self.finetune.rand_augment.startswith("rand"),
-             "finetune.rand_augment", "empty (off) or a timm RandAugment spec such as rand-m9-mstd0.5-inc1"),
-            (0 <= self.finetune.random_erasing <= 1 and 0 <= self.finetune.mix_switch_prob <= 1,
-             "finetune.random_erasing", "in [0, 1] (mix_switch_prob too)"),
+            (
+                self.finetune.interpolation in INTERPOLATIONS,
+                "finetune.interpolation",
+                f"one of {', '.join(INTERPOLATIONS)}",
+            ),
+            (
+                self.finetune.rand_augment == "" or self.finetune.rand_augment.startswith("rand"),
+                "finetune.rand_augment",
+                "empty (off) or a timm RandAugment spec such as rand-m9-mstd0.5-inc1",
+            ),
+            (
+                0 <= self.finetune.random_erasing <= 1 and 0 <= self.finetune.mix_switch_prob <= 1,
+                "finetune.random_erasing",
+                "in [0, 1] (mix_switch_prob too)",
+            ),
             (self.finetune.mixup >= 0 and self.finetune.cutmix >= 0, "finetune.mixup", ">= 0 (cutmix too)"),
-            ((self.finetune.mixup == 0 and self.finetune.cutmix == 0) or self.deepspeed.micro_batch_size % 2 == 0,
-             "deepspeed.micro_batch_size", "even with finetune.mixup or cutmix (timm's Mixup pairs image i with "
-             "image n-1-i)"),
-            (0 <= self.finetune.ema_decay < 1 and self.finetune.eval_every >= 0, "finetune.ema_decay",
-             "in [0, 1) (finetune.eval_every >= 0)"),
-            (self.linprobe.protocol in LINPROBE_PROTOCOLS, "linprobe.protocol", f"one of {', '.join(LINPROBE_PROTOCOLS)}"),
+            (
+                (self.finetune.mixup == 0 and self.finetune.cutmix == 0)
+                or self.deepspeed.micro_batch_size % 2 == 0,
+                "deepspeed.micro_batch_size",
+                "even with finetune.mixup or cutmix (timm's Mixup pairs image i with image n-1-i)",
+            ),
+            (
+                0 <= self.finetune.ema_decay < 1 and self.finetune.eval_every >= 0,
+                "finetune.ema_decay",
+                "in [0, 1) (finetune.eval_every >= 0)",
+            ),
+            (
+                self.linprobe.protocol in LINPROBE_PROTOCOLS,
+                "linprobe.protocol",
+                f"one of {', '.join(LINPROBE_PROTOCOLS)}",
+            ),
             (self.optim.optimizer in OPTIMIZERS, "optim.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
-            (0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0, "finetune.label_smoothing",
-             "in [0, 1) (num_classes >= 0)"),
+            (
+                0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0,
+                "finetune.label_smoothing",
+                "in [0, 1) (num_classes >= 0)",
+            ),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
-            (self.data.max_bad_shards >= 0 and self.data.url_retries >= 0, "data.max_bad_shards",
-             ">= 0 (data.url_retries too)"),
+            (
+                self.data.max_bad_shards >= 0 and self.data.url_retries >= 0,
+                "data.max_bad_shards",
+                ">= 0 (data.url_retries too)",
+            ),
             (self.data.colour_ops in COLOUR_OPS, "data.colour_ops", f"one of {', '.join(COLOUR_OPS)}"),
             (self.run.loss_spike == 0 or self.run.loss_spike > 1, "run.loss_spike", "0 (off) or above 1"),
-            (self.run.grad_norm_spike == 0 or self.run.grad_norm_spike > 1, "run.grad_norm_spike",
-             "0 (off) or above 1"),
+            (
+                self.run.grad_norm_spike == 0 or self.run.grad_norm_spike > 1,
+                "run.grad_norm_spike",
+                "0 (off) or above 1",
+            ),
             (self.run.lr_factor > 0, "run.lr_factor", "positive"),
             (self.run.skip_batches >= 0, "run.skip_batches", ">= 0"),
-            (self.run.skip_batches == 0 or bool(self.run.resume_tag), "run.skip_batches",
-             "0 unless run.resume_tag names the checkpoint to skip from"),
-            (self.run.knn_every >= 0 and self.data.knn_per_class >= 0, "run.knn_every",
-             ">= 0 (data.knn_per_class too)"),
-            (self.run.knn_every == 0 or bool(self.data.knn_train and self.data.knn_val), "run.knn_every",
-             "0 unless data.knn_train and data.knn_val name the monitor's manifests"),
+            (
+                self.run.skip_batches == 0 or bool(self.run.resume_tag),
+                "run.skip_batches",
+                "0 unless run.resume_tag names the checkpoint to skip from",
+            ),
+            (
+                self.run.knn_every >= 0 and self.data.knn_per_class >= 0,
+                "run.knn_every",
+                ">= 0 (data.knn_per_class too)",
+            ),
+            (
+                self.run.knn_every == 0 or bool(self.data.knn_train and self.data.knn_val),
+                "run.knn_every",
+                "0 unless data.knn_train and data.knn_val name the monitor's manifests",
+            ),
             (self.run.knn_pool in ("token", "mean"), "run.knn_pool", "token or mean"),
             (self.graft.rule in GRAFT_RULES, "graft.rule", f"one of {', '.join(GRAFT_RULES)}"),
-            (self.graft.rule == "none" or self.optim.layer_decay == 1, "graft.rule",
-             "none when optim.layer_decay is not 1 (one learning-rate rule at a time)"),
-            (bool(self.graft.scales) and min(self.graft.scales) >= 0, "graft.scales", "a non-empty list of scales >= 0"),
-            (self.graft.lower_scale > 0 and self.graft.upper_scale > 0, "graft.lower_scale", "positive (upper too)"),
+            (
+                self.graft.rule == "none" or self.optim.layer_decay == 1,
+                "graft.rule",
+                "none when optim.layer_decay is not 1 (one learning-rate rule at a time)",
+            ),
+            (
+                bool(self.graft.scales) and min(self.graft.scales) >= 0,
+                "graft.scales",
+                "a non-empty list of scales >= 0",
+            ),
+            (
+                self.graft.lower_scale > 0 and self.graft.upper_scale > 0,
+                "graft.lower_scale",
+                "positive (upper too)",
+            ),
             (self.graft.split >= 0 and self.graft.ramp_width > 0, "graft.split", ">= 0 (ramp_width > 0)"),
-            (self.graft.l1_weight >= 0 and self.graft.auto_confidence >= 0, "graft.l1_weight",
-             ">= 0 (graft.auto_confidence too)"),
-            (self.graft.rule != "auto" or bool(self.graft.init or self.graft.auto_from), "graft.rule",
-             "auto only with graft.init (the probe starts from those weights) or graft.auto_from"),
-            (self.graft.probe_steps > 0 and self.graft.probe_every > 0, "graft.probe_steps", "positive (probe_every too)"),
-            (self.data.img_size % self.model.patch == 0, "data.img_size", f"a multiple of the patch size"
-             f" {self.model.patch}"),
+            (
+                self.graft.l1_weight >= 0 and self.graft.auto_confidence >= 0,
+                "graft.l1_weight",
+                ">= 0 (graft.auto_confidence too)",
+            ),
+            (
+                self.graft.rule != "auto" or bool(self.graft.init or self.graft.auto_from),
+                "graft.rule",
+                "auto only with graft.init (the probe starts from those weights) or graft.auto_from",
+            ),
+            (
+                self.graft.probe_steps > 0 and self.graft.probe_every > 0,
+                "graft.probe_steps",
+                "positive (probe_every too)",
+            ),
+            (
+                self.data.img_size % self.model.patch == 0,
+                "data.img_size",
+                f"a multiple of the patch size {self.model.patch}",
+            ),
         ]
-        positive = ["run.log_every", "run.save_every", "run.keep_last", "data.img_size", "deepspeed.micro_batch_size",
-                    "deepspeed.grad_accum", "data.shuffle_buffer", "mae.decoder_dim", "mae.decoder_heads",
-                    "moco.mlp_dim", "moco.out_dim", "run.collective_timeout"]
+        positive = [
+            "run.log_every",
+            "run.save_every",
+            "run.keep_last",
+            "data.img_size",
+            "deepspeed.micro_batch_size",
+            "deepspeed.grad_accum",
+            "data.shuffle_buffer",
+            "mae.decoder_dim",
+            "mae.decoder_heads",
+            "moco.mlp_dim",
+            "moco.out_dim",
+            "run.collective_timeout",
+        ]
         checks += [(get_key(self, key) > 0, key, "positive") for key in positive]
-        checks += [(False, f"{prefix}.{name}", expected) for prefix, view in view_configs(self)
-                   for name, expected in view.problems()]
+        checks += [
+            (False, f"{prefix}.{name}", expected)
+            for prefix, view in view_configs(self)
+            for name, expected in view.problems()
+        ]
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"config key {key} = {get_key(self, key)!r} must be {expected}")
@@ -396,7 +524,7 @@ def get_key(config, dotted):
 def _coerce(value, kind, key):
     """Check `value` against the field type `kind`; ints are accepted where floats are expected."""
     origin = typing.get_origin(kind)
-    if origin in (list, typing.List):
+    if origin in (list, list):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key} must be a list, not {value!r}")
         (item,) = typing.get_args(kind)

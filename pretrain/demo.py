@@ -13,6 +13,7 @@ three trainings, as a PNG -> lg-analyze's per-layer plots of the three -> say wh
 Every step is idempotent: a second run reuses what the first one wrote, and the training resumes from
 its last checkpoint.
 """
+
 import argparse
 import collections
 import json
@@ -49,15 +50,35 @@ def read_back(manifest, batch_size, **options):
 
 def pretrain(config, run_dir, train_manifest, processes, *overrides, echo=True):
     """Run lg-pretrain with `config` on `processes` CPU processes, echoing its progress lines."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
-    command = [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / config),
-               f"run.dir={run_dir}", f"data.train={train_manifest}", *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else []
+    )
+    command = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(REPO / "configs" / config),
+        f"run.dir={run_dir}",
+        f"data.train={train_manifest}",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")
+        ),
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for line in process.stdout:
             log_file.write(line)
             if echo and "lg-pretrain" in line:
@@ -74,8 +95,19 @@ def prepare_data(workdir):
     prep("demo_data", images)
     for split in ("train", "val"):
         print(f"== 2. shard {split} ->", shards)
-        prep("shard", images, shards, "--split", split, "--layout", "imagefolder", "--max-per-shard", "100",
-             "--workers", "2")
+        prep(
+            "shard",
+            images,
+            shards,
+            "--split",
+            split,
+            "--layout",
+            "imagefolder",
+            "--max-per-shard",
+            "100",
+            "--workers",
+            "2",
+        )
         print(f"== 3. verify {split}")
         prep("verify", shards, "--split", split, "--workers", "2")
     return shards
@@ -97,29 +129,50 @@ def main(argv=None):
     shards = prepare_data(args.workdir)
 
     print("== 4. read back through the loaders")
-    for split, options in (("train", dict(view="mae", mode="resampled", rank=0, world_size=1)),
-                           ("val", dict(view="eval", mode="epoch", rank=0, world_size=1))):
+    for split, options in (
+        ("train", dict(view="mae", mode="resampled", rank=0, world_size=1)),
+        ("val", dict(view="eval", mode="epoch", rank=0, world_size=1)),
+    ):
         manifest = shards / f"{split}.json"
         batches, samples, labels, bad, shapes, seconds = read_back(manifest, 64, num_workers=2, **options)
         histogram = " ".join(f"{label}:{count}" for label, count in sorted(labels.items()))
-        print(f"{split:5s} {options['mode']:9s} view={options['view']:4s} {batches} batches, {samples} samples, "
-              f"images {sorted(shapes)} uint8, bad samples {bad}, {samples / seconds:.0f} img/s\n"
-              f"      labels {histogram}")
-    runs = {"MAE": args.workdir / "mae", "MoCo v3": args.workdir / "mocov3", "MIM->CL": args.workdir / "graft"}
-    knn = ["run.knn_every=10", f"data.knn_train={shards / 'train.json'}", f"data.knn_val={shards / 'val.json'}"]
+        print(
+            f"{split:5s} {options['mode']:9s} view={options['view']:4s} {batches} batches, "
+            f"{samples} samples, "
+            f"images {sorted(shapes)} uint8, bad samples {bad}, {samples / seconds:.0f} img/s\n"
+            f"      labels {histogram}"
+        )
+    runs = {
+        "MAE": args.workdir / "mae",
+        "MoCo v3": args.workdir / "mocov3",
+        "MIM->CL": args.workdir / "graft",
+    }
+    knn = [
+        "run.knn_every=10",
+        f"data.knn_train={shards / 'train.json'}",
+        f"data.knn_val={shards / 'val.json'}",
+    ]
     print(f"== 5. MAE pretraining of a ViT-Tiny on {args.processes} processes -> {runs['MAE']}")
     pretrain("demo.yaml", runs["MAE"], shards / "train.json", args.processes, *knn)
     print(f"== 6. MoCo v3 from scratch, the contrastive baseline -> {runs['MoCo v3']}")
     pretrain("mocov3_demo.yaml", runs["MoCo v3"], shards / "train.json", args.processes, *knn)
     print(f"== 7. grafted MoCo v3 from the MAE weights, lower blocks at 0.1x the lr -> {runs['MIM->CL']}")
-    pretrain("graft_demo.yaml", runs["MIM->CL"], shards / "train.json", args.processes, f"graft.init={runs['MAE']}",
-             *knn)
+    pretrain(
+        "graft_demo.yaml",
+        runs["MIM->CL"],
+        shards / "train.json",
+        args.processes,
+        f"graft.init={runs['MAE']}",
+        *knn,
+    )
     print("== 8. export the encoders")
     encoders = {name: run_dir / "encoder.pth" for name, run_dir in runs.items()}
     for run_dir, encoder in zip(runs.values(), encoders.values()):
         if not up_to_date(encoder, run_dir / "ckpt" / "latest"):
             export.export(run_dir, encoder)
-        call = ", ".join(f"{k}={v!r}" for k, v in json.loads(encoder.with_suffix(".json").read_text())["timm"].items())
+        call = ", ".join(
+            f"{k}={v!r}" for k, v in json.loads(encoder.with_suffix(".json").read_text())["timm"].items()
+        )
         print(f"{encoder}: timm.create_model({call}) loads it strictly")
     results_file = args.workdir / "eval.json"
     print(f"== 9. frozen-feature evaluation: class token of the last block, val split -> {results_file}")
@@ -134,14 +187,28 @@ def main(argv=None):
     analysis_dir = args.workdir / "analysis"
     print(f"== 11. per-layer analyses of the three encoders -> {analysis_dir}")
     if not up_to_date(analysis_dir / "results.json", *encoders.values()):
-        analysis.main([*map(str, encoders.values()), "--names", *encoders, "--val", str(shards / "val.json"),
-                       "--train", str(shards / "train.json"), "--out", str(analysis_dir), "--tb",
-                       str(analysis_dir / "tb")])
-    print(f"demo finished; everything is under {args.workdir}\n"
-          f"accuracies: {results_file}\n"
-          f"kNN curves: {curves_file}\n"
-          f"plots: {', '.join(sorted(path.name for path in analysis_dir.glob('*.png')))} in {analysis_dir}\n"
-          f"TensorBoard: tensorboard --logdir {args.workdir}  (runs mae/tb, mocov3/tb, graft/tb, analysis/tb)")
+        analysis.main(
+            [
+                *map(str, encoders.values()),
+                "--names",
+                *encoders,
+                "--val",
+                str(shards / "val.json"),
+                "--train",
+                str(shards / "train.json"),
+                "--out",
+                str(analysis_dir),
+                "--tb",
+                str(analysis_dir / "tb"),
+            ]
+        )
+    print(
+        f"demo finished; everything is under {args.workdir}\n"
+        f"accuracies: {results_file}\n"
+        f"kNN curves: {curves_file}\n"
+        f"plots: {', '.join(sorted(path.name for path in analysis_dir.glob('*.png')))} in {analysis_dir}\n"
+        f"TensorBoard: tensorboard --logdir {args.workdir}  (runs mae/tb, mocov3/tb, graft/tb, analysis/tb)"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ loading it strictly into `timm.create_model(name, num_classes=0, img_size=..., p
 call printed at the end (with the defaults, 224 px and patch 16 / 14, it is just
 `timm.create_model(name, num_classes=0)`). OUT.json records that call and the run it came from.
 """
+
 import argparse
 import json
 import logging
@@ -39,8 +40,12 @@ def export(run_dir, out, tag=None):
         raise UserError(f"{run_dir / 'ckpt'} holds no checkpoint yet")
     state = consolidated_state_dict(run_dir / "ckpt", tag)
     encoder = {name: tensor.contiguous() for name, tensor in encoder_state(state).items()}
-    kwargs = {"model_name": timm_name(config.model.arch), "num_classes": 0, "img_size": config.data.img_size,
-              "patch_size": config.model.patch}
+    kwargs = {
+        "model_name": timm_name(config.model.arch),
+        "num_classes": 0,
+        "img_size": config.data.img_size,
+        "patch_size": config.model.patch,
+    }
     model = timm.create_model(pretrained=False, **kwargs)
     model.load_state_dict(encoder, strict=True)
     save_atomic(encoder, out)
@@ -61,8 +66,10 @@ def main(argv=None):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kwargs = export(args.run_dir, args.out, args.tag)
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name")
-    print(f"wrote {args.out}; load with timm.create_model({kwargs['model_name']!r}, {call})"
-          f".load_state_dict(torch.load({str(args.out)!r}))")
+    print(
+        f"wrote {args.out}; load with timm.create_model({kwargs['model_name']!r}, {call})"
+        f".load_state_dict(torch.load({str(args.out)!r}))"
+    )
     return 0
 
 

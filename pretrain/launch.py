@@ -7,6 +7,7 @@ torchrun exits 1 whenever a worker fails, so the codes lg-pretrain documents (2 
 scripts that decide a requeue on them. This runs torchrun's own launcher (torch.distributed.run, with
 all its options) and exits with the code of the worker that failed for a reason of its own.
 """
+
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -1,4 +1,5 @@
 """Encoders from timm, and the small pieces the methods add around them (MLP heads, fixed positions)."""
+
 import functools
 
 import timm
@@ -27,8 +28,14 @@ def create_encoder(arch, img_size, patch_size, drop_path=0.0, grad_checkpointing
     `global_pool` is what `encoder(images)` returns: the class token ("token", MoCo v3's choice) or the
     mean patch token ("avg"). It is set after creation, so the parameters stay those of the token model
     (created with "avg", timm would add a final `fc_norm` in place of `norm`)."""
-    encoder = timm.create_model(timm_name(arch), pretrained=False, num_classes=0, img_size=img_size,
-                                patch_size=patch_size, drop_path_rate=drop_path)
+    encoder = timm.create_model(
+        timm_name(arch),
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
+        patch_size=patch_size,
+        drop_path_rate=drop_path,
+    )
     encoder.global_pool = global_pool
     set_sincos_pos_embed(encoder.pos_embed, encoder.patch_embed.grid_size, encoder.num_prefix_tokens)
     if grad_checkpointing:
@@ -43,16 +50,26 @@ TIMM_POOLS = {"mean": "avg", "token": "token"}
 
 def classifier_kwargs(arch, img_size, patch_size, num_classes, pool):
     """The timm.create_model arguments of a fine-tuned classifier (written beside classifier.pth)."""
-    return {"model_name": timm_name(arch), "num_classes": num_classes, "global_pool": TIMM_POOLS[pool],
-            "img_size": img_size, "patch_size": patch_size}
+    return {
+        "model_name": timm_name(arch),
+        "num_classes": num_classes,
+        "global_pool": TIMM_POOLS[pool],
+        "img_size": img_size,
+        "patch_size": patch_size,
+    }
 
 
-def create_classifier(arch, img_size, patch_size, num_classes, pool="mean", drop_path=0.0, grad_checkpointing=False):
+def create_classifier(
+    arch, img_size, patch_size, num_classes, pool="mean", drop_path=0.0, grad_checkpointing=False
+):
     """timm's VisionTransformer with a classification head, as MAE fine-tunes it: the head initialized at
     N(0, 2e-5) (truncated) with a zero bias, the position embedding trainable (it starts as the fixed
     sin-cos table until starting weights overwrite it). Its state_dict is a timm one."""
-    model = timm.create_model(pretrained=False, drop_path_rate=drop_path,
-                              **classifier_kwargs(arch, img_size, patch_size, num_classes, pool))
+    model = timm.create_model(
+        pretrained=False,
+        drop_path_rate=drop_path,
+        **classifier_kwargs(arch, img_size, patch_size, num_classes, pool),
+    )
     set_sincos_pos_embed(model.pos_embed, model.patch_embed.grid_size, model.num_prefix_tokens)
     model.pos_embed.requires_grad_(True)
     timm.layers.trunc_normal_(model.head.weight, std=2e-5)
@@ -66,7 +83,9 @@ def encoder_for(config, grad_checkpointing=False):
     """The encoder a run config describes (model.arch, data.img_size, model.patch_size, model.drop_path,
     model.global_pool). Methods with a momentum copy enable block checkpointing themselves, after copying."""
     m = config.model
-    return create_encoder(m.arch, config.data.img_size, m.patch, m.drop_path, grad_checkpointing, m.global_pool)
+    return create_encoder(
+        m.arch, config.data.img_size, m.patch, m.drop_path, grad_checkpointing, m.global_pool
+    )
 
 
 def pool_tokens(encoder, tokens, pool):
@@ -74,7 +93,7 @@ def pool_tokens(encoder, tokens, pool):
     through the encoder's `fc_norm` (an identity but in a global-pool model such as MAE's fine-tuned ones)."""
     if pool == "token":
         return tokens[:, 0]
-    return encoder.fc_norm(tokens[:, encoder.num_prefix_tokens:].mean(dim=1))
+    return encoder.fc_norm(tokens[:, encoder.num_prefix_tokens :].mean(dim=1))
 
 
 def sincos_2d_table(grid_size, dim):
@@ -87,8 +106,11 @@ def sincos_2d_table(grid_size, dim):
         raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, not {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_size[0], dtype=torch.float32),
-                                torch.arange(grid_size[1], dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size[0], dtype=torch.float32),
+        torch.arange(grid_size[1], dtype=torch.float32),
+        indexing="ij",
+    )
     by_col, by_row = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
     return torch.cat([by_col.sin(), by_col.cos(), by_row.sin(), by_row.cos()], dim=1)
 
@@ -112,7 +134,9 @@ def enable_block_checkpointing(blocks):
     (`assert len(set(p.ds_id ...)) == len(params_in_bucket)` in stage3.py).
     """
     for block in blocks:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(
+            torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False
+        )
 
 
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
@@ -147,7 +171,7 @@ def patchify(images, patch_size):
 def unpatchify(patches, patch_size, channels=3):
     """Inverse of `patchify` for square images."""
     n, length, _ = patches.shape
-    side = int(length ** 0.5)
+    side = int(length**0.5)
     x = patches.reshape(n, side, side, patch_size, patch_size, channels)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, side * patch_size, side * patch_size)
 

@@ -4,10 +4,12 @@
 
 Runs alike as one process (`python -m pretrain.train`), under `torchrun` / `deepspeed` launchers and in
 Slurm tasks. With `method: finetune` or `linprobe` and finetune.val set, the last checkpoint is then
-measured on that split (pretrain.evaluation.supervised.supervised_result). Re-running the same command resumes from RUN_DIR/ckpt/latest.
+measured on that split (pretrain.evaluation.supervised.supervised_result). Re-running the same command
+resumes from RUN_DIR/ckpt/latest.
 Exit codes: 0 done, 2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after
 saving a checkpoint.
 """
+
 import argparse
 import logging
 import os
@@ -31,8 +33,12 @@ log = logging.getLogger("lg-pretrain")
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="lg-pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML run config (see configs/); defaults apply to missing keys")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 run.dir=runs/x")
-    parser.add_argument("--print-param-groups", action="store_true", help="print the optimizer groups and exit")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 run.dir=runs/x"
+    )
+    parser.add_argument(
+        "--print-param-groups", action="store_true", help="print the optimizer groups and exit"
+    )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return parser.parse_intermixed_args(argv)  # overrides before and after options
 
@@ -46,15 +52,20 @@ def main(argv=None):
     if args.print_param_groups:
         if config.graft.rule == "auto":
             if not config.graft.auto_from:
-                raise UserError("graft.rule=auto without graft.auto_from decides the split in a probe run; "
-                                "give graft.auto_from=RUN to print the groups it would choose")
+                raise UserError(
+                    "graft.rule=auto without graft.auto_from decides the split in a probe run; "
+                    "give graft.auto_from=RUN to print the groups it would choose"
+                )
             auto_split.resolve(config, train=None)
         objective = grafted_objective(config)
         print(format_param_groups(objective_param_groups(objective, config)))
         frozen = sum(p.numel() for p in objective.parameters() if not p.requires_grad)
         o = config.optim
-        print(f"optimizer {o.optimizer}" + (f" (betas {tuple(o.betas)})" if o.optimizer == "adamw" else
-                                            f" (momentum {o.momentum})") + f"; {frozen:,} parameters frozen")
+        print(
+            f"optimizer {o.optimizer}"
+            + (f" (betas {tuple(o.betas)})" if o.optimizer == "adamw" else f" (momentum {o.momentum})")
+            + f"; {frozen:,} parameters frozen"
+        )
         return 0
     return run(config)
 
@@ -78,9 +89,19 @@ def run(config):
     if OBJECTIVES[config.method].scored_on_val and config.finetune.val:
         result = supervised_result(config, step)
         if rank() == 0:
-            best = f", best {result['best']['top1']:.2f} % at step {result['best']['step']}" if result["best"] else ""
-            log.info("%s top-1 on %s: %.2f %%%s (%s)", config.method, config.finetune.val, result["top1"], best,
-                     Path(config.run.dir) / f"eval_{config.method}.json")
+            best = (
+                f", best {result['best']['top1']:.2f} % at step {result['best']['step']}"
+                if result["best"]
+                else ""
+            )
+            log.info(
+                "%s top-1 on %s: %.2f %%%s (%s)",
+                config.method,
+                config.finetune.val,
+                result["top1"],
+                best,
+                Path(config.run.dir) / f"eval_{config.method}.json",
+            )
     return 0
 
 

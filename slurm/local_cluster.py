@@ -12,6 +12,7 @@ drain (a slurmstepd would outlive slurmd), stops the daemons (TERM, then KILL) a
 lines. Both are idempotent. /etc/slurm, /etc/hosts and the ports 6817 and 17001+ are machine-wide: one
 such cluster per machine at a time.
 """
+
 import argparse
 import os
 import shutil
@@ -40,8 +41,10 @@ def install():
     if installed():
         return
     if os.geteuid() != 0:
-        raise SystemExit("local_cluster: Slurm is not installed and installing it needs root "
-                         f"(apt-get install {' '.join(PACKAGES)})")
+        raise SystemExit(
+            "local_cluster: Slurm is not installed and installing it needs root "
+            f"(apt-get install {' '.join(PACKAGES)})"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     print("local_cluster: installing", " ".join(PACKAGES), flush=True)
     run("apt-get", "update", "-qq", env=env, timeout=600)
@@ -49,7 +52,7 @@ def install():
 
 
 def slurm_conf(nodes, state):
-    cpus, memory_mb = os.cpu_count(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 ** 20
+    cpus, memory_mb = os.cpu_count(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     per_node_mb = max(1024, memory_mb // (2 * nodes))  # leave half the memory to the machine itself
     last = 17000 + nodes
     return f"""# Written by slurm/local_cluster.py: {nodes} fake nodes on this host.
@@ -76,15 +79,23 @@ SlurmctldPidFile={state}/slurmctld.pid
 SlurmdPidFile={state}/slurmd-%n.pid
 SlurmctldLogFile={state}/slurmctld.log
 SlurmdLogFile={state}/slurmd-%n.log
-NodeName=n[1-{nodes}] NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port=[17001-{last}] CPUs={cpus} RealMemory={per_node_mb} State=UNKNOWN
+NodeName=n[1-{nodes}] NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port=[17001-{last}]
+CPUs={cpus} RealMemory={per_node_mb} State=UNKNOWN
 PartitionName=debug Nodes=n[1-{nodes}] Default=YES MaxTime=INFINITE State=UP
 """
 
 
 def spawn(*command):
     """Start a daemon detached, with no inherited descriptors beyond 0-2 (or a caller's pipe never closes)."""
-    subprocess.run(command, check=True, timeout=60, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, close_fds=True)
+    subprocess.run(
+        command,
+        check=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
 
 
 def set_hosts(nodes):

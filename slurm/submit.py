@@ -18,6 +18,7 @@ requeue it at most --max-requeues times.
 Sweeps: an override whose value is a list where the key holds one value (`hybrid.weight=[0.25,0.5]`)
 submits a job array, one run directory per value (RUN_DIR/hybrid.weight=0.25, ...).
 """
+
 import argparse
 import contextlib
 import itertools
@@ -74,13 +75,17 @@ class Trainer:
 
         if int(os.environ.get("SLURM_RESTART_COUNT", 0)) >= self.max_requeues:
             return None
-        return submitit.helpers.DelayedSubmission(Trainer(self.config_path, self.overrides, self.max_requeues))
+        return submitit.helpers.DelayedSubmission(
+            Trainer(self.config_path, self.overrides, self.max_requeues)
+        )
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="lg-submit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides; a list value sweeps")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides; a list value sweeps"
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU (0: CPU nodes)")
     parser.add_argument("--tasks-per-node", type=int, help="tasks per node on CPU nodes (default 1)")
@@ -93,7 +98,9 @@ def parse_args(argv):
     parser.add_argument("--cpus-per-task", type=int, default=10)
     parser.add_argument("--job-dir", type=Path, help="submitit's files (default: RUN_DIR/submitit)")
     parser.add_argument("--job-name", default="layergraft")
-    parser.add_argument("--signal-delay", type=int, default=120, help="seconds between USR2 and the time limit")
+    parser.add_argument(
+        "--signal-delay", type=int, default=120, help="seconds between USR2 and the time limit"
+    )
     parser.add_argument("--max-requeues", type=int, default=20, help="preemption requeues allowed per job")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and the task command")
     parser.add_argument("--local", action="store_true", help="submitit's local executor (no Slurm)")
@@ -135,7 +142,9 @@ def executor_for(args, job_dir):
         executor.update_parameters(timeout_min=args.time, tasks_per_node=args.tasks_per_node or 1, nodes=1)
         return executor
     if not shutil.which("sbatch"):
-        raise UserError("no Slurm here (sbatch is not on PATH); use --local to run with submitit's local executor")
+        raise UserError(
+            "no Slurm here (sbatch is not on PATH); use --local to run with submitit's local executor"
+        )
     check_partition(args.partition)
     executor = submitit.SlurmExecutor(folder=job_dir / "%j", max_num_timeout=args.max_requeues)
     executor.update_parameters(**slurm_parameters(args))
@@ -144,10 +153,20 @@ def executor_for(args, job_dir):
 
 def slurm_parameters(args):
     gpus = args.gpus_per_node
-    parameters = dict(job_name=args.job_name, nodes=args.nodes, ntasks_per_node=gpus or args.tasks_per_node or 1,
-                      cpus_per_task=args.cpus_per_task, time=args.time, signal_delay_s=args.signal_delay,
-                      partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-                      mem=args.mem, gpus_per_node=gpus or None)
+    parameters = dict(
+        job_name=args.job_name,
+        nodes=args.nodes,
+        ntasks_per_node=gpus or args.tasks_per_node or 1,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        signal_delay_s=args.signal_delay,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        mem=args.mem,
+        gpus_per_node=gpus or None,
+    )
     return {key: value for key, value in parameters.items() if value is not None}
 
 
@@ -159,7 +178,9 @@ def check_partition(partition):
         raise UserError(f"Slurm is not reachable: sinfo says {result.stderr.strip() or result.returncode}")
     known = sorted(set(result.stdout.split()))
     if partition not in known:
-        raise UserError(f"--partition {partition}: not a partition of this cluster (sinfo lists: {', '.join(known)})")
+        raise UserError(
+            f"--partition {partition}: not a partition of this cluster (sinfo lists: {', '.join(known)})"
+        )
 
 
 def dry_run(args, job_dir, runs):
@@ -169,8 +190,11 @@ def dry_run(args, job_dir, runs):
     command = f"{sys.executable} -u -m submitit.core._submit {job_dir}/%j"
     print(_make_sbatch_string(command=command, folder=job_dir / "%j", **slurm_parameters(args)))
     for overrides in runs:
-        print(f"# each task: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from submitit's job environment, "
-              f"then pretrain.train.run(load_config({args.config!r}, {overrides!r}))")
+        print(
+            f"# each task: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from submitit's job "
+            f"environment, "
+            f"then pretrain.train.run(load_config({args.config!r}, {overrides!r}))"
+        )
 
 
 @cli_entry("lg-submit")
@@ -187,7 +211,9 @@ def main(argv=None):
         dry_run(args, job_dir, [overrides for _, overrides in runs])
         return 0
     executor = executor_for(args, job_dir)
-    trainers = [Trainer(str(Path(args.config).resolve()), overrides, args.max_requeues) for _, overrides in runs]
+    trainers = [
+        Trainer(str(Path(args.config).resolve()), overrides, args.max_requeues) for _, overrides in runs
+    ]
     with executor.batch() if len(trainers) > 1 else contextlib.nullcontext():
         jobs = [executor.submit(trainer) for trainer in trainers]
     for job, (config, _) in zip(jobs, runs):

@@ -1,4 +1,5 @@
 """Shared fixtures: the embedded demo data set, its shards, and helpers that write odd images."""
+
 import io
 import json
 import os
@@ -19,8 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(module, *args, timeout=300, **kwargs):
     """Run `python -m module args...` as a real process; return the CompletedProcess."""
     env = {**os.environ, **kwargs.pop("env", {}), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
 
 
 def jpeg_bytes(size=(40, 30), mode="RGB", seed=0, fmt="JPEG"):
@@ -35,7 +42,7 @@ def jpeg_bytes(size=(40, 30), mode="RGB", seed=0, fmt="JPEG"):
 
 def smooth_jpeg(size=(512, 384)):
     """A photo-like JPEG (smooth colour waves): what scaled decoding and the colour steps are measured on."""
-    y, x = np.mgrid[0:size[1], 0:size[0]] / 40.0
+    y, x = np.mgrid[0 : size[1], 0 : size[0]] / 40.0
     pixels = np.stack([np.sin(x + y), np.cos(0.7 * x - y), np.sin(0.5 * x * y / 10)], -1) * 110 + 128
     out = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG", quality=90)
@@ -43,9 +50,10 @@ def smooth_jpeg(size=(512, 384)):
 
 
 def psnr(a, b):
-    """PSNR (dB) of two uint8-valued images (any array-likes torch takes), capped at 100 for identical ones."""
+    """PSNR (dB) of two uint8-valued images (any array-likes torch takes), capped at 100 for identical
+    ones."""
     mse = torch.mean((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).item()
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-10))
+    return 10 * np.log10(255**2 / max(mse, 1e-10))
 
 
 def write_file(path, data):
@@ -72,8 +80,19 @@ def demo_shards(demo_images, tmp_path_factory):
     """The demo data sharded with 50 images per shard (29 train shards, 8 val shards)."""
     out = tmp_path_factory.mktemp("demo_shards")
     for split in ("train", "val"):
-        result = run_cli("data_prep.shard", demo_images, out, "--split", split, "--layout", "imagefolder",
-                         "--max-per-shard", 50, "--workers", 2)
+        result = run_cli(
+            "data_prep.shard",
+            demo_images,
+            out,
+            "--split",
+            split,
+            "--layout",
+            "imagefolder",
+            "--max-per-shard",
+            50,
+            "--workers",
+            2,
+        )
         assert result.returncode == 0, result.stderr
     return out
 
@@ -90,29 +109,62 @@ def demo_run(tmp_path_factory):
 
 # Multi-process training on the CPU: DeepSpeed's CPU accelerator, one thread per process, and compiled
 # ops cached inside the venv (a stale lock in a shared cache can hang torch).
-TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-             "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
-TINY_RUN = ["model.patch_size=8", "deepspeed.micro_batch_size=16", "data.num_workers=1", "data.shuffle_buffer=100",
-            "moco.mlp_dim=128", "moco.out_dim=32", "run.log_every=1", "run.image_every=0", "run.save_every=1000",
-            "optim.epochs=5", "optim.warmup_epochs=0.25"]
+TRAIN_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+}
+TINY_RUN = [
+    "model.patch_size=8",
+    "deepspeed.micro_batch_size=16",
+    "data.num_workers=1",
+    "data.shuffle_buffer=100",
+    "moco.mlp_dim=128",
+    "moco.out_dim=32",
+    "run.log_every=1",
+    "run.image_every=0",
+    "run.save_every=1000",
+    "optim.epochs=5",
+    "optim.warmup_epochs=0.25",
+]
 
 
 def pretrain_command(run_dir, train_manifest, *overrides, nproc=2):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    return [sys.executable, *launcher, "-m", "pretrain.train", "--config", str(REPO / "configs" / "demo.yaml"),
-            f"run.dir={run_dir}", f"data.train={train_manifest}", *TINY_RUN, *map(str, overrides)]
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    )
+    return [
+        sys.executable,
+        *launcher,
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train={train_manifest}",
+        *TINY_RUN,
+        *map(str, overrides),
+    ]
 
 
 def pretrain(run_dir, train_manifest, *overrides, nproc=2, timeout=600):
     """Run lg-pretrain to completion in real processes; return the CompletedProcess."""
-    return subprocess.run(pretrain_command(run_dir, train_manifest, *overrides, nproc=nproc), capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env={**os.environ, **TRAIN_ENV})
+    return subprocess.run(
+        pretrain_command(run_dir, train_manifest, *overrides, nproc=nproc),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV},
+    )
 
 
 def tensorboard(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events = EventAccumulator(
+        str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
     events.Reload()
     return events
 
@@ -123,9 +175,16 @@ def scalar_values(run_dir, tag):
 
 # ZeRO-3 with every parameter partitioned (the shipped config keeps parameters under 1e5 elements whole
 # on every rank, which at toy sizes is all of them and would hide a parameter that is not gathered).
-ZERO3_ALL_PARTITIONED = {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                                               "reduce_bucket_size": 10000000, "stage3_prefetch_bucket_size": 10000000,
-                                               "stage3_param_persistence_threshold": 0}}
+ZERO3_ALL_PARTITIONED = {
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 10000000,
+        "stage3_prefetch_bucket_size": 10000000,
+        "stage3_param_persistence_threshold": 0,
+    }
+}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The per-layer measurements on cases with known answers."""
+
 import json
 import math
 
@@ -23,7 +24,8 @@ GRID, PATCH = (4, 4), 8
 
 
 def with_cls(patch_attention):
-    """(N, H, L, L) patch-to-patch attention -> (N, H, 1 + L, 1 + L) with a class token row/column of zeros."""
+    """(N, H, L, L) patch-to-patch attention -> (N, H, 1 + L, 1 + L) with a class token row/column of
+    zeros."""
     n, h, length, _ = patch_attention.shape
     full = torch.zeros(n, h, length + 1, length + 1)
     full[..., 1:, 1:] = patch_attention
@@ -43,7 +45,9 @@ def test_attention_distance_of_self_and_uniform_attention():
 def test_nmi_is_one_for_distinct_one_hot_attention_and_zero_for_uniform_or_collapsed():
     permutation = torch.eye(16)[torch.randperm(16)]
     assert torch.allclose(attention_nmi(with_cls(permutation.expand(1, 2, 16, 16))), torch.ones(2), atol=1e-5)
-    assert torch.allclose(attention_nmi(with_cls(torch.full((1, 2, 16, 16), 1 / 16))), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(
+        attention_nmi(with_cls(torch.full((1, 2, 16, 16), 1 / 16))), torch.zeros(2), atol=1e-5
+    )
     collapsed = torch.zeros(1, 2, 16, 16)
     collapsed[..., 5] = 1  # every query looks at patch 5
     assert torch.allclose(attention_nmi(with_cls(collapsed)), torch.zeros(2), atol=1e-5)
@@ -55,7 +59,10 @@ def test_linear_cka_properties():
     rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator))
     assert linear_cka(x, x) == pytest.approx(1.0)
     assert linear_cka(x, 3.0 * x @ rotation) == pytest.approx(1.0)
-    assert linear_cka(torch.randn(4000, 8, generator=generator), torch.randn(4000, 8, generator=generator)) < 0.02
+    assert (
+        linear_cka(torch.randn(4000, 8, generator=generator), torch.randn(4000, 8, generator=generator))
+        < 0.02
+    )
 
 
 def test_token_and_head_cosine():
@@ -71,7 +78,9 @@ def test_fourier_measure_is_higher_for_a_checkerboard_than_a_constant_map():
     checker = ((torch.arange(4)[:, None] + torch.arange(4)[None]) % 2).float().flatten()
     tokens_checker = torch.cat([torch.zeros(1, 1, 3), (checker[:, None] + 1).expand(16, 3)[None]], dim=1)
     tokens_constant = torch.cat([torch.zeros(1, 1, 3), torch.ones(1, 16, 3)], dim=1)
-    assert high_frequency_amplitude(tokens_checker, GRID) > high_frequency_amplitude(tokens_constant, GRID) + 1
+    assert (
+        high_frequency_amplitude(tokens_checker, GRID) > high_frequency_amplitude(tokens_constant, GRID) + 1
+    )
 
 
 def test_hooks_read_timm_blocks_without_changing_the_output():
@@ -82,7 +91,9 @@ def test_hooks_read_timm_blocks_without_changing_the_output():
         with attention_maps(encoder) as maps, block_tokens(encoder) as tokens:
             hooked = encoder(images)
     assert torch.allclose(plain, hooked, atol=1e-5)
-    assert len(maps) == len(tokens) == 12 and maps[0].shape == (2, 3, 17, 17) and tokens[0].shape == (2, 17, 192)
+    assert (
+        len(maps) == len(tokens) == 12 and maps[0].shape == (2, 3, 17, 17) and tokens[0].shape == (2, 17, 192)
+    )
     assert torch.allclose(maps[3].sum(dim=-1), torch.ones(2, 3, 17), atol=1e-5)
     assert all(block.attn.fused_attn == encoder.blocks[0].attn.fused_attn for block in encoder.blocks)
     assert not math.isnan(float(attention_distance(maps[0], GRID, PATCH).mean()))
@@ -96,14 +107,36 @@ def test_lg_analyze_compares_encoders_layer_by_layer(demo_shards, tmp_path):
     second = tmp_path / "b.pth"
     torch.save(create_encoder("vit_tiny", 32, 8).state_dict(), second)
     second.with_suffix(".json").write_text(first.with_suffix(".json").read_text())
-    result = run_cli("pretrain.analysis", first, second, "--names", "A", "B", "--val", demo_shards / "val.json",
-                     "--train", demo_shards / "train.json", "--images", "16", "--out", tmp_path / "out",
-                     "--tb", tmp_path / "tb")
+    result = run_cli(
+        "pretrain.analysis",
+        first,
+        second,
+        "--names",
+        "A",
+        "B",
+        "--val",
+        demo_shards / "val.json",
+        "--train",
+        demo_shards / "train.json",
+        "--images",
+        "16",
+        "--out",
+        tmp_path / "out",
+        "--tb",
+        tmp_path / "tb",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == {"A", "B"}
-    for key in ("attention_distance_px", "attention_nmi", "token_cosine", "head_cosine", "fourier_high_frequency",
-                "linear_probe", "cka_layers"):
+    for key in (
+        "attention_distance_px",
+        "attention_nmi",
+        "token_cosine",
+        "head_cosine",
+        "fourier_high_frequency",
+        "linear_probe",
+        "cka_layers",
+    ):
         assert len(results["A"][key]) == 12, key
     assert results["A"]["cka_layers"][4][4] == pytest.approx(1.0) and len(results["B"]["cka_vs_A"]) == 12
     for name in ("attention_distance_px", "attention_nmi", "cka_layers", "cka_models", "linear_probe"):

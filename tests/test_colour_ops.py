@@ -1,4 +1,6 @@
-"""The colour steps on float tensors (data.colour_ops: tensor) against the PIL ones the official recipes run."""
+"""The colour steps on float tensors (data.colour_ops: tensor) against the PIL ones the official recipes
+run."""
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,15 @@ STEPS = {  # one step at a time, at full strength (probability 1)
 }
 # Largest difference from the PIL step, in grey levels: the linear steps differ by rounding only; PIL's hue
 # goes through an 8-bit HSV image (hue in 256 steps), its blur is three box blurs approximating a Gaussian.
-TOLERANCE = {"brightness": 1, "contrast": 1, "saturation": 1, "grayscale": 1, "solarize": 0, "hue": 12, "blur": 24}
+TOLERANCE = {
+    "brightness": 1,
+    "contrast": 1,
+    "saturation": 1,
+    "grayscale": 1,
+    "solarize": 0,
+    "hue": 12,
+    "blur": 24,
+}
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
@@ -71,7 +81,9 @@ def test_the_blur_is_a_gaussian_of_the_drawn_sigma_with_extended_edges(crops, si
     expected = F.conv2d(padded, kernel[None, None])[:, 0]
     assert (gaussian_blur(image, sigma).double() - expected).abs().max() < 1e-3
     # and close to PIL's blur of that radius (what the official recipes run)
-    pil = v2.functional.pil_to_tensor(v2.functional.to_pil_image(crops[0]).filter(ImageFilter.GaussianBlur(sigma)))
+    pil = v2.functional.pil_to_tensor(
+        v2.functional.to_pil_image(crops[0]).filter(ImageFilter.GaussianBlur(sigma))
+    )
     assert psnr(to_uint8(gaussian_blur(image, sigma)), pil) > 38
 
 

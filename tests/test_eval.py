@@ -1,4 +1,5 @@
 """Evaluation: frozen-feature protocols on known cases, fine-tuning, and lg-eval on real shards."""
+
 import json
 import math
 
@@ -30,7 +31,9 @@ def test_knn_follows_the_nearest_neighbours_not_the_majority():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.05, 1.0]])
     labels = torch.tensor([0, 0, 1, 1, 1])
     queries = torch.tensor([[1.0, 0.05], [0.0, 1.0]])
-    assert knn_accuracy(train, labels, queries, torch.tensor([0, 1]), k=5) == 1.0  # weighted votes: 2 near beat 3 far
+    assert (
+        knn_accuracy(train, labels, queries, torch.tensor([0, 1]), k=5) == 1.0
+    )  # weighted votes: 2 near beat 3 far
 
 
 def test_linear_probe_separates_linearly_separable_features_and_not_noise():
@@ -48,8 +51,18 @@ def exported_encoder(path):
     torch.manual_seed(0)
     encoder = create_encoder("vit_tiny", 32, 8)
     torch.save(encoder.state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps({"timm": {"model_name": "vit_tiny_patch16_224", "num_classes": 0,
-                                                              "img_size": 32, "patch_size": 8}}))
+    path.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "timm": {
+                    "model_name": "vit_tiny_patch16_224",
+                    "num_classes": 0,
+                    "img_size": 32,
+                    "patch_size": 8,
+                }
+            }
+        )
+    )
     return path
 
 
@@ -61,8 +74,9 @@ def test_lg_eval_knn_and_few_shot_linear_on_real_shards(demo_shards, tmp_path):
     result = json.loads((tmp_path / "eval_knn_mean_last.json").read_text())
     assert result["val_samples"] == 359 and result["train_samples"] == 1438 and 20 < result["top1"] <= 100
     assert json.loads(knn.stdout.strip().splitlines()[-1]) == result
-    linear = run_cli("pretrain.eval", "linear", encoder, *shards, "--fraction", "0.05", "--layer", "3",
-                     "--epochs", "50")
+    linear = run_cli(
+        "pretrain.eval", "linear", encoder, *shards, "--fraction", "0.05", "--layer", "3", "--epochs", "50"
+    )
     assert linear.returncode == 0, linear.stderr[-2000:]
     assert json.loads((tmp_path / "eval_linear_token_block_03.json").read_text())["layer"] == "block_03"
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -74,12 +88,26 @@ def test_lg_eval_errors_name_the_problem(demo_shards, tmp_path):
     shards = ["--train", demo_shards / "train.json", "--val", demo_shards / "val.json"]
     no_arch = run_cli("pretrain.eval", "knn", release, *shards)
     assert no_arch.returncode == 2 and f"{release}: give --arch" in no_arch.stderr
-    bad_layer = run_cli("pretrain.eval", "knn", release, *shards, "--arch", "vit_tiny", "--img-size", "32",
-                        "--patch-size", "8", "--layer", "12")
+    bad_layer = run_cli(
+        "pretrain.eval",
+        "knn",
+        release,
+        *shards,
+        "--arch",
+        "vit_tiny",
+        "--img-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--layer",
+        "12",
+    )
     assert bad_layer.returncode == 2 and "blocks 0-11" in bad_layer.stderr
     stray = run_cli("pretrain.eval", "knn", release, *shards, "optim.base_lr=1")
     assert stray.returncode == 2 and "are for finetune and linear --protocol mae|mocov3" in stray.stderr
-    cached_fraction = run_cli("pretrain.eval", "linear", release, *shards, "--protocol", "mae", "--fraction", "0.1")
+    cached_fraction = run_cli(
+        "pretrain.eval", "linear", release, *shards, "--protocol", "mae", "--fraction", "0.1"
+    )
     assert cached_fraction.returncode == 2 and "lg-shard --subset-file" in cached_fraction.stderr
 
 
@@ -91,7 +119,9 @@ def test_subset_keeps_a_fraction_of_every_class():
 
 def test_finetune_objective_learns_separable_classes_with_label_smoothing():
     torch.manual_seed(0)
-    model = FineTune(dict(arch="vit_tiny", img_size=16, patch_size=8, num_classes=2, pool="mean", drop_path=0.1))
+    model = FineTune(
+        dict(arch="vit_tiny", img_size=16, patch_size=8, num_classes=2, pool="mean", drop_path=0.1)
+    )
     images = torch.randn(32, 3, 16, 16) * 0.1
     labels = torch.arange(32) % 2
     images[labels == 1] += 1.0  # class 1 is brighter
@@ -122,13 +152,27 @@ def test_finetune_groups_decay_the_learning_rate_by_depth():
 
 
 def test_finetune_augmentation_follows_the_config():
-    mild = grafted_objective(load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"]))
+    mild = grafted_objective(
+        load_config(REPO / "configs" / "finetune_demo.yaml", ["finetune.num_classes=10"])
+    )
     assert [type(t).__name__ for t in make_view(mild.view, 32).transforms] == ["DecodingResizedCrop"]
-    full = grafted_objective(load_config(REPO / "configs" / "finetune_demo.yaml", [
-        "finetune.num_classes=10", "finetune.flip=true", "finetune.rand_augment=rand-m9-mstd0.5-inc1",
-        "finetune.min_scale=0.08"]))
+    full = grafted_objective(
+        load_config(
+            REPO / "configs" / "finetune_demo.yaml",
+            [
+                "finetune.num_classes=10",
+                "finetune.flip=true",
+                "finetune.rand_augment=rand-m9-mstd0.5-inc1",
+                "finetune.min_scale=0.08",
+            ],
+        )
+    )
     transforms = make_view(full.view, 32).transforms
-    assert [type(t).__name__ for t in transforms] == ["DecodingResizedCrop", "RandomHorizontalFlip", "TimmRandAugment"]
+    assert [type(t).__name__ for t in transforms] == [
+        "DecodingResizedCrop",
+        "RandomHorizontalFlip",
+        "TimmRandAugment",
+    ]
     assert transforms[0].scale == (0.08, 1.0) and transforms[0].interpolation == InterpolationMode.BICUBIC
     with pytest.raises(UserError, match="finetune.pool"):
         load_config(None, ["finetune.pool=max"])
@@ -139,11 +183,31 @@ def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, ze
     encoder, then the val split measured by both ranks, a classifier file, JSON and TensorBoard, all in
     the run.dir the overrides name."""
     encoder = exported_encoder(tmp_path / "encoder.pth")
-    result = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain.eval",
-                     "finetune", encoder, "--train", demo_shards / "train.json", "--val", demo_shards / "val.json",
-                     "--config", REPO / "configs" / "finetune_demo.yaml", "run.max_steps=3", "run.log_every=1",
-                     "deepspeed.micro_batch_size=16", f"deepspeed.config={zero3_config}", "--out",
-                     tmp_path / "result.json", f"run.dir={tmp_path / 'ft'}", env=TRAIN_ENV, timeout=600)
+    result = run_cli(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pretrain.eval",
+        "finetune",
+        encoder,
+        "--train",
+        demo_shards / "train.json",
+        "--val",
+        demo_shards / "val.json",
+        "--config",
+        REPO / "configs" / "finetune_demo.yaml",
+        "run.max_steps=3",
+        "run.log_every=1",
+        "deepspeed.micro_batch_size=16",
+        f"deepspeed.config={zero3_config}",
+        "--out",
+        tmp_path / "result.json",
+        f"run.dir={tmp_path / 'ft'}",
+        env=TRAIN_ENV,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ft"  # a run.dir override is where the run and its result go
     reported = json.loads((run_dir / "eval_finetune.json").read_text())
@@ -153,12 +217,17 @@ def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, ze
     config = load_config(run_dir / "config.yaml")
     assert (config.model.patch_size, config.method, config.graft.init) == (8, "finetune", str(encoder))
     timm_call = json.loads((run_dir / "classifier.json").read_text())["timm"]
-    assert timm_call == {"model_name": "vit_tiny_patch16_224", "num_classes": 10, "global_pool": "avg",
-                         "img_size": 32, "patch_size": 8}
+    assert timm_call == {
+        "model_name": "vit_tiny_patch16_224",
+        "num_classes": 10,
+        "global_pool": "avg",
+        "img_size": 32,
+        "patch_size": 8,
+    }
     classifier = timm.create_model(**timm_call)  # a timm model, as MAE's global-pool fine-tuned one
     classifier.load_state_dict(torch.load(run_dir / "classifier.pth", weights_only=True), strict=True)
     events = tensorboard(run_dir)
     assert [e.value for e in events.Scalars("eval/finetune_top1")] == [pytest.approx(reported["top1"])]
     assert len(events.Scalars("train_top1")) == 3
     first, head = events.Scalars("lr/layers_0")[-1].value, events.Scalars("lr/layers_13")[-1].value
-    assert math.isclose(first / head, 0.75 ** 13, rel_tol=1e-4)
+    assert math.isclose(first / head, 0.75**13, rel_tol=1e-4)

@@ -1,6 +1,7 @@
 """Failures as a cluster meets them, in real processes: after any error every process exits, non-zero,
 within DEADLINE; checkpoints are verified and a damaged one falls back; a diverging run keeps a
 checkpoint that resumes finite; vanished, truncated and damaged data is counted or stops the run."""
+
 import json
 import os
 import shutil
@@ -48,15 +49,23 @@ def rewrite_split(manifest_path, out, change=lambda sample: sample, name=None):
 
 def start(command, log, env=None):
     """Popen `command` with stdout and stderr to the file `log` (a pipe nobody reads would block it)."""
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **TRAIN_ENV, **(env or {})},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV, **(env or {})},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_for(log, text, processes, timeout=300):
     deadline = time.monotonic() + timeout
     while text not in Path(log).read_text():
         assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n{Path(log).read_text()[-3000:]}"
-        assert any(p.poll() is None for p in processes), f"ended before {text!r}:\n{Path(log).read_text()[-3000:]}"
+        assert any(p.poll() is None for p in processes), (
+            f"ended before {text!r}:\n{Path(log).read_text()[-3000:]}"
+        )
         time.sleep(0.1)
 
 
@@ -123,8 +132,9 @@ def same_weights(run_a, run_b, step):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_flipped_byte_in_latest_falls_back_to_the_previous_tag_and_ends_as_the_run_would(reference, manifest,
-                                                                                         tmp_path):
+def test_a_flipped_byte_in_latest_falls_back_to_the_previous_tag_and_ends_as_the_run_would(
+    reference, manifest, tmp_path
+):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     weights = run_dir / "ckpt" / tag_of(4) / "mp_rank_00_model_states.pt"
@@ -133,8 +143,10 @@ def test_a_flipped_byte_in_latest_falls_back_to_the_previous_tag_and_ends_as_the
     weights.write_bytes(bytes(data))
     result = pretrain(run_dir, manifest, *COMMON, "run.max_steps=4", "run.save_every=2", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint {run_dir / 'ckpt' / tag_of(4)} is damaged: mp_rank_00_model_states.pt does not match" \
+    assert (
+        f"checkpoint {run_dir / 'ckpt' / tag_of(4)} is damaged: mp_rank_00_model_states.pt does not match"
         in result.stderr
+    )
     assert f"falling back to checkpoint {run_dir / 'ckpt' / tag_of(2)}" in result.stderr
     assert f"resumed {run_dir / 'ckpt' / tag_of(2)} at step 2" in result.stderr
     assert (run_dir / "ckpt" / f"{tag_of(4)}.corrupt").is_dir(), "the damaged tag is kept aside"
@@ -155,11 +167,15 @@ def test_no_intact_checkpoint_is_a_one_line_error(reference, manifest, tmp_path)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
-def test_a_full_disk_stops_with_latest_on_the_previous_tag_and_a_resume_is_exact(reference, manifest, tmp_path):
+def test_a_full_disk_stops_with_latest_on_the_previous_tag_and_a_resume_is_exact(
+    reference, manifest, tmp_path
+):
     disk = tmp_path / "disk"
     disk.mkdir()
     tag_bytes = sum(p.stat().st_size for p in (reference / "ckpt" / tag_of(2)).iterdir())
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(tag_bytes * 1.5)}", "tmpfs", str(disk)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(tag_bytes * 1.5)}", "tmpfs", str(disk)], check=True
+    )
     try:
         run_dir = disk / "run"
         full = pretrain(run_dir, manifest, *COMMON, "run.max_steps=4", "run.save_every=2", nproc=1)
@@ -175,16 +191,25 @@ def test_a_full_disk_stops_with_latest_on_the_previous_tag_and_a_resume_is_exact
 
 
 def test_a_diverging_run_keeps_a_checkpoint_that_resumes_finite_and_its_exit_code_survives_the_launcher(
-        manifest, tmp_path):
+    manifest, tmp_path
+):
     """An absurd peak lr reached after one warm-up step: the checkpoint written from the blown-up weights
     is set aside, `latest` goes back to the one before, and resuming from it at a lower lr trains.
     Under lg-torchrun (2 processes) the exit code stays 3."""
     run_dir = tmp_path / "run"
     steps = ["optim.base_lr=1e12", "optim.warmup_epochs=0.03", "run.save_every=1", "run.max_steps=30"]
-    command = [sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node", "2",
-               *pretrain_command(run_dir, manifest, *COMMON, *steps, nproc=1)[1:]]
-    diverged = subprocess.run(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, capture_output=True, text=True,
-                              timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.launch",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *pretrain_command(run_dir, manifest, *COMMON, *steps, nproc=1)[1:],
+    ]
+    diverged = subprocess.run(
+        command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, capture_output=True, text=True, timeout=600
+    )
     assert diverged.returncode == 3, diverged.stderr[-3000:]
     assert "lg-pretrain: stopped:" in diverged.stderr
     kept = latest_tag(run_dir / "ckpt")
@@ -192,8 +217,16 @@ def test_a_diverging_run_keeps_a_checkpoint_that_resumes_finite_and_its_exit_cod
     assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in weights.values()), kept
     assert any(p.name.endswith(".diverged") for p in (run_dir / "ckpt").iterdir())
     step = int(kept[4:])
-    resumed = pretrain(run_dir, manifest, *COMMON, *steps[:3], f"run.max_steps={step + 3}", "run.lr_factor=1e-15",
-                       f"run.resume_tag={kept}", "run.skip_batches=2")
+    resumed = pretrain(
+        run_dir,
+        manifest,
+        *COMMON,
+        *steps[:3],
+        f"run.max_steps={step + 3}",
+        "run.lr_factor=1e-15",
+        f"run.resume_tag={kept}",
+        "run.skip_batches=2",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping the batches of 2 steps" in resumed.stderr
     losses = scalar_values(run_dir, "loss")[-3:]
@@ -216,14 +249,16 @@ def test_vanished_shards_stop_the_run_with_an_error_naming_the_storage(manifest,
 
 def truncate(shard, keep_fraction=0.5):
     data = shard.read_bytes()
-    shard.write_bytes(data[:int(len(data) * keep_fraction)])
+    shard.write_bytes(data[: int(len(data) * keep_fraction)])
 
 
 def loader_counts(manifest_path, **options):
     """(images read, samples lost, shards skipped) of one epoch of a split, in this process."""
     from pretrain.data.loader import make_loader
 
-    loader = make_loader(manifest_path, 50, img_size=32, mode="epoch", num_workers=0, rank=0, world_size=1, **options)
+    loader = make_loader(
+        manifest_path, 50, img_size=32, mode="epoch", num_workers=0, rank=0, world_size=1, **options
+    )
     images = sum(len(batch["labels"]) for batch in loader.epoch(0))
     return images, loader.lost_samples, loader.skipped_shards
 
@@ -262,7 +297,11 @@ def test_a_shard_whose_checksum_mismatches_is_skipped_and_counted(manifest, tmp_
     listed = Manifest.load(copied)
     assert loader_counts(copied, verify_shards=False)[1:] == (0, 0)
     images, lost, skipped = loader_counts(copied)
-    assert (images, lost, skipped) == (listed.num_samples - listed.shards[3].num_samples, listed.shards[3].num_samples, 1)
+    assert (images, lost, skipped) == (
+        listed.num_samples - listed.shards[3].num_samples,
+        listed.shards[3].num_samples,
+        1,
+    )
 
 
 def test_lost_samples_and_skipped_shards_reach_tensorboard(manifest, tmp_path):
@@ -272,14 +311,20 @@ def test_lost_samples_and_skipped_shards_reach_tensorboard(manifest, tmp_path):
         truncate(shard, 0.6)
     result = pretrain(tmp_path / "run", copied, *COMMON, "run.max_steps=2", "data.max_bad_shards=0", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
-    lost, skipped = (scalar_values(tmp_path / "run", f"data/{name}") for name in ("lost_samples", "skipped_shards"))
+    lost, skipped = (
+        scalar_values(tmp_path / "run", f"data/{name}") for name in ("lost_samples", "skipped_shards")
+    )
     assert lost[-1] >= 50 and skipped[-1] >= 2, (lost, skipped)
     assert "does not match" not in result.stderr and "SHA-256 differs from the manifest's" in result.stderr
 
 
-def test_an_unwritable_run_dir_or_export_path_is_a_one_line_error_before_the_work(reference, manifest, tmp_path):
+def test_an_unwritable_run_dir_or_export_path_is_a_one_line_error_before_the_work(
+    reference, manifest, tmp_path
+):
     result = pretrain("/proc/lg-run", manifest, *COMMON, "run.max_steps=1", nproc=1)
-    assert result.returncode == 2 and "run.dir /proc/lg-run: cannot write there" in result.stderr, result.stderr
+    assert result.returncode == 2 and "run.dir /proc/lg-run: cannot write there" in result.stderr, (
+        result.stderr
+    )
     export = run_cli("pretrain.export", reference, "/proc/lg-export/encoder.pth", env=TRAIN_ENV)
     assert export.returncode == 2 and "/proc/lg-export/encoder.pth: cannot write there" in export.stderr
     folder = pretrain(tmp_path / "run", manifest.parent, *COMMON, "run.max_steps=1", nproc=1)
@@ -308,8 +353,24 @@ def test_a_partial_val_set_fails_lg_eval_unless_allowed(demo_shards, tmp_path):
     torch.save({"model": model.state_dict()}, encoder)
     val = rewrite_split(demo_shards / "val.json", tmp_path / "val")
     truncate(sorted((tmp_path / "val").glob("*.tar"))[0])
-    common = ["knn", encoder, "--train", demo_shards / "train.json", "--val", val, "--arch", "vit_tiny",
-              "--img-size", 32, "--patch-size", 8, "--workers", 1, "--out", tmp_path / "result.json"]
+    common = [
+        "knn",
+        encoder,
+        "--train",
+        demo_shards / "train.json",
+        "--val",
+        val,
+        "--arch",
+        "vit_tiny",
+        "--img-size",
+        32,
+        "--patch-size",
+        8,
+        "--workers",
+        1,
+        "--out",
+        tmp_path / "result.json",
+    ]
     refused = run_cli("pretrain.eval", *common)
     assert refused.returncode == 2 and "--allow-partial" in refused.stderr, refused.stderr[-2000:]
     assert not (tmp_path / "result.json").exists()
@@ -317,28 +378,63 @@ def test_a_partial_val_set_fails_lg_eval_unless_allowed(demo_shards, tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["partial"] and result["samples"]["val"]["read"] < result["samples"]["val"]["listed"] == 359
-    finetune = run_cli("pretrain.eval", "finetune", encoder, "--train", demo_shards / "train.json", "--val", val,
-                       "--arch", "vit_tiny", "--img-size", 32, "--patch-size", 8, "--config",
-                       REPO / "configs" / "finetune_demo.yaml", "run.max_steps=1", "deepspeed.micro_batch_size=16",
-                       f"run.dir={tmp_path / 'ft'}", env=TRAIN_ENV)
+    finetune = run_cli(
+        "pretrain.eval",
+        "finetune",
+        encoder,
+        "--train",
+        demo_shards / "train.json",
+        "--val",
+        val,
+        "--arch",
+        "vit_tiny",
+        "--img-size",
+        32,
+        "--patch-size",
+        8,
+        "--config",
+        REPO / "configs" / "finetune_demo.yaml",
+        "run.max_steps=1",
+        "deepspeed.micro_batch_size=16",
+        f"run.dir={tmp_path / 'ft'}",
+        env=TRAIN_ENV,
+    )
     assert finetune.returncode == 2, finetune.stderr[-2000:]
-    assert "images the manifest lists could be read" in finetune.stderr and "--allow-partial" in finetune.stderr
+    assert (
+        "images the manifest lists could be read" in finetune.stderr and "--allow-partial" in finetune.stderr
+    )
     assert not (tmp_path / "ft" / "eval_finetune.json").exists() and (tmp_path / "ft" / "ckpt").is_dir()
 
 
 def test_lg_eval_checks_its_inputs_and_outputs_before_the_work(demo_shards, tmp_path):
     common = ["knn", tmp_path / "missing.pth", "--arch", "vit_tiny", "--train", demo_shards]
     missing_val = run_cli("pretrain.eval", *common, "--val", tmp_path / "nowhere.json")
-    assert missing_val.returncode == 2 and f"--val {tmp_path / 'nowhere.json'} does not exist" in missing_val.stderr
+    assert (
+        missing_val.returncode == 2
+        and f"--val {tmp_path / 'nowhere.json'} does not exist" in missing_val.stderr
+    )
     unwritable = run_cli("pretrain.eval", *common, "--val", demo_shards, "--out", "/proc/lg-eval/result.json")
-    assert unwritable.returncode == 2 and "--out /proc/lg-eval/result.json: cannot write there" in unwritable.stderr
-    zero = run_cli("pretrain.eval", "linear", tmp_path / "e.pth", "--train", demo_shards, "--val", demo_shards,
-                   "--fraction", 0)
+    assert (
+        unwritable.returncode == 2
+        and "--out /proc/lg-eval/result.json: cannot write there" in unwritable.stderr
+    )
+    zero = run_cli(
+        "pretrain.eval",
+        "linear",
+        tmp_path / "e.pth",
+        "--train",
+        demo_shards,
+        "--val",
+        demo_shards,
+        "--fraction",
+        0,
+    )
     assert zero.returncode == 2 and "--fraction 0.0: must be in (0, 1]" in zero.stderr
 
 
 def test_png_webp_and_jpeg_members_decode(demo_shards, tmp_path):
     import io
+    import itertools
 
     from PIL import Image
 
@@ -347,20 +443,26 @@ def test_png_webp_and_jpeg_members_decode(demo_shards, tmp_path):
 
     formats = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 
-    def reencode(sample, counter=[0]):
-        extension = list(formats)[counter[0] % 3]
-        counter[0] += 1
+    turns = itertools.cycle(formats)
+
+    def reencode(sample):
+        extension = next(turns)
         out = io.BytesIO()
         Image.open(io.BytesIO(sample["jpg"])).save(out, format=formats[extension], lossless=True)
         return {**{k: v for k, v in sample.items() if k != "jpg"}, extension: out.getvalue()}
 
     copied = rewrite_split(demo_shards / "val.json", tmp_path / "val", reencode)
-    members = {name.rsplit(".", 1)[1] for shard in (tmp_path / "val").glob("*.tar")
-               for sample in read_shard(shard) for name in [f"x.{k}" for k in sample if not k.startswith("_")]}
+    members = {
+        name.rsplit(".", 1)[1]
+        for shard in (tmp_path / "val").glob("*.tar")
+        for sample in read_shard(shard)
+        for name in [f"x.{k}" for k in sample if not k.startswith("_")]
+    }
     assert {"png", "webp", "jpeg"} <= members and "jpg" not in members
     loader = make_loader(copied, 64, img_size=32, mode="epoch", num_workers=0, rank=0, world_size=1)
-    original = make_loader(demo_shards / "val.json", 64, img_size=32, mode="epoch", num_workers=0, rank=0,
-                           world_size=1)
+    original = make_loader(
+        demo_shards / "val.json", 64, img_size=32, mode="epoch", num_workers=0, rank=0, world_size=1
+    )
     ours, theirs = list(loader.epoch(0)), list(original.epoch(0))
     assert loader.bad_samples == 0 and sum(len(b["labels"]) for b in ours) == 359
     first = next(read_shard(next(iter(sorted((tmp_path / "val").glob("*.tar"))))))
@@ -377,18 +479,23 @@ def test_a_second_run_in_the_same_run_dir_is_refused_naming_the_first(manifest, 
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=DEADLINE)
     assert second.returncode == 2, second.stderr[-3000:]
-    assert f"{run_dir} is in use by another run (host " in second.stderr and f"pid {first.pid}" in second.stderr
+    assert (
+        f"{run_dir} is in use by another run (host " in second.stderr and f"pid {first.pid}" in second.stderr
+    )
     again = pretrain(run_dir, manifest, *COMMON, "run.max_steps=1", nproc=1)
     assert again.returncode == 0, "the lock went with the killed process"
 
 
-def test_resume_refuses_changes_that_make_it_inexact_and_accepts_a_moved_run(reference, manifest, demo_shards,
-                                                                              tmp_path):
+def test_resume_refuses_changes_that_make_it_inexact_and_accepts_a_moved_run(
+    reference, manifest, demo_shards, tmp_path
+):
     moved = tmp_path / "moved"
     shutil.copytree(reference, moved)
     data = rewrite_split(manifest, tmp_path / "data")  # the same shards, elsewhere
     resumed = pretrain(moved, data, *COMMON, "run.max_steps=4", nproc=1)
-    assert resumed.returncode == 0 and f"resumed {moved / 'ckpt' / tag_of(4)}" in resumed.stderr, resumed.stderr
+    assert resumed.returncode == 0 and f"resumed {moved / 'ckpt' / tag_of(4)}" in resumed.stderr, (
+        resumed.stderr
+    )
     workers = pretrain(moved, manifest, *COMMON, "run.max_steps=6", "data.num_workers=2", nproc=1)
     assert workers.returncode == 2 and "data.num_workers: 1 -> 2" in workers.stderr, workers.stderr[-2000:]
     other = pretrain(moved, demo_shards / "val.json", *COMMON, "run.max_steps=6", nproc=1)
@@ -400,13 +507,27 @@ def test_resume_refuses_changes_that_make_it_inexact_and_accepts_a_moved_run(ref
 
 
 def test_a_bad_config_keeps_exit_code_2_under_lg_torchrun(manifest, tmp_path):
-    command = [sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node", "2",
-               *pretrain_command(tmp_path, manifest, "optim.base_lr=-1", nproc=1)[1:]]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, capture_output=True, text=True,
-                            timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.launch",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *pretrain_command(tmp_path, manifest, "optim.base_lr=-1", nproc=1)[1:],
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2 and "config key optim.base_lr" in result.stderr, result.stderr[-2000:]
-    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[3:]], cwd=REPO,
-                           env={**os.environ, **TRAIN_ENV}, capture_output=True, text=True, timeout=300)
+    plain = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *command[3:]],
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plain.returncode == 1, "torchrun itself loses the code (why lg-torchrun exists)"
 
 

@@ -1,4 +1,5 @@
 """Layer-grafted pretraining in one process: lr rules, starting weights (MAE's release format), L1 pull."""
+
 import json
 
 import pytest
@@ -29,8 +30,12 @@ def test_list_rule_spreads_the_official_scales_evenly_over_the_blocks():
 def test_split_ramp_and_freeze_rules():
     assert [rule("split", 12, "graft.split=4")(layer) for layer in (0, 4, 5, 13)] == [0.1, 0.1, 1.0, 1.0]
     ramp = [rule("ramp")(layer) for layer in range(14)]
-    assert ramp == sorted(ramp) and ramp[0] == pytest.approx(0.1, rel=1e-3) and ramp[-1] == pytest.approx(1.0, rel=0.05)
-    assert ramp[8] < 0.1 ** 0.5 < ramp[9], "the ramp crosses the geometric mean between block 7 and block 8"
+    assert (
+        ramp == sorted(ramp)
+        and ramp[0] == pytest.approx(0.1, rel=1e-3)
+        and ramp[-1] == pytest.approx(1.0, rel=0.05)
+    )
+    assert ramp[8] < 0.1**0.5 < ramp[9], "the ramp crosses the geometric mean between block 7 and block 8"
     assert [rule("freeze")(layer) for layer in (0, 8, 9, 13)] == [0.0, 0.0, 1.0, 1.0]
 
 
@@ -39,7 +44,9 @@ def test_freeze_leaves_the_lower_layers_out_of_the_optimizer():
     objective = grafted_objective(config)
     groups = objective_param_groups(objective, config)
     trained = {n for g in groups for n in g["names"]}
-    assert not any(n.startswith(("encoder.blocks.0.", "encoder.blocks.5.", "encoder.cls_token")) for n in trained)
+    assert not any(
+        n.startswith(("encoder.blocks.0.", "encoder.blocks.5.", "encoder.cls_token")) for n in trained
+    )
     assert any(n.startswith("encoder.blocks.6.") for n in trained)
     assert not objective.encoder.blocks[0].attn.qkv.weight.requires_grad
 
@@ -49,8 +56,11 @@ def mae_release_file(path, arch_overrides=(), drop=None):
     config = load_config(None, ["method=mae", *TINY, *arch_overrides])
     torch.manual_seed(7)
     mae = grafted_objective(config)
-    release_name = lambda name: name.replace("encoder.", "", 1).replace("decoder.mask_token", "mask_token") \
-        .replace("decoder.", "decoder_")  # decoder_embed, decoder_blocks, ... as in models_mae.py
+    release_name = lambda name: (
+        name.replace("encoder.", "", 1)
+        .replace("decoder.mask_token", "mask_token")
+        .replace("decoder.", "decoder_")
+    )  # decoder_embed, decoder_blocks, ... as in models_mae.py
     state = {release_name(name): tensor for name, tensor in mae.state_dict().items()}
     if drop:
         del state[drop]
@@ -61,17 +71,22 @@ def mae_release_file(path, arch_overrides=(), drop=None):
 def test_mae_release_format_initializes_both_moco_encoders(tmp_path):
     state = mae_release_file(tmp_path / "mae_pretrain.pth")
     assert "decoder_embed.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
-    moco = grafted_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'mae_pretrain.pth'}"]))
+    moco = grafted_objective(
+        load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'mae_pretrain.pth'}"])
+    )
     for name, tensor in moco.encoder.state_dict().items():
         assert torch.equal(tensor, state[name]), name
         assert torch.equal(moco.target.branch["encoder"].state_dict()[name], state[name]), name
 
 
-@pytest.mark.parametrize("case, message", [
-    ("other_arch", "cls_token has shape (1, 1, 384), this encoder needs (1, 1, 192)"),
-    ("missing", "has no 'blocks.3.attn.qkv.weight'"),
-    ("nowhere", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("other_arch", "cls_token has shape (1, 1, 384), this encoder needs (1, 1, 192)"),
+        ("missing", "has no 'blocks.3.attn.qkv.weight'"),
+        ("nowhere", "does not exist"),
+    ],
+)
 def test_a_mismatched_start_is_a_clear_error(tmp_path, case, message):
     path = tmp_path / "start.pth"
     if case == "other_arch":
@@ -86,8 +101,16 @@ def test_a_mismatched_start_is_a_clear_error(tmp_path, case, message):
 
 def test_l1_pull_measures_the_distance_of_the_lower_layers(tmp_path):
     mae_release_file(tmp_path / "start.pth")
-    config = load_config(None, ["method=mocov3", *TINY, f"graft.init={tmp_path / 'start.pth'}",
-                                "graft.l1_weight=0.5", "graft.l1_to_layer=2"])
+    config = load_config(
+        None,
+        [
+            "method=mocov3",
+            *TINY,
+            f"graft.init={tmp_path / 'start.pth'}",
+            "graft.l1_weight=0.5",
+            "graft.l1_to_layer=2",
+        ],
+    )
     moco = grafted_objective(config)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
     assert moco(views)["loss_l1_pull"] == 0
@@ -114,19 +137,26 @@ def test_cl_to_mim_starts_mae_from_a_moco_style_checkpoint(tmp_path):
     torch.manual_seed(3)
     moco = grafted_objective(load_config(None, ["method=mocov3", *TINY]))
     wrapped = {f"module.base_encoder.{name}": tensor for name, tensor in moco.encoder.state_dict().items()}
-    wrapped.update({f"module.predictor.{name}": tensor for name, tensor in moco.predictor.state_dict().items()})
+    wrapped.update(
+        {f"module.predictor.{name}": tensor for name, tensor in moco.predictor.state_dict().items()}
+    )
     torch.save({"state_dict": wrapped, "epoch": 300}, tmp_path / "moco.pth.tar")
-    mae = grafted_objective(load_config(None, ["method=mae", *TINY, f"graft.init={tmp_path / 'moco.pth.tar'}"]))
+    mae = grafted_objective(
+        load_config(None, ["method=mae", *TINY, f"graft.init={tmp_path / 'moco.pth.tar'}"])
+    )
     for name, tensor in moco.encoder.state_dict().items():
         assert torch.equal(mae.encoder.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("cosines, split", [
-    ([0.6, 0.5, 0.3, 0.1, -0.2, -0.4], 4),
-    ([0.6, 0.5, -0.1, 0.2, -0.2, -0.4], 4),  # one dip: the best step still puts it in the lower part
-    ([0.5, 0.4, 0.3], 3),  # all agree: every block lower
-    ([-0.1, -0.3], 0),  # all conflict
-])
+@pytest.mark.parametrize(
+    "cosines, split",
+    [
+        ([0.6, 0.5, 0.3, 0.1, -0.2, -0.4], 4),
+        ([0.6, 0.5, -0.1, 0.2, -0.2, -0.4], 4),  # one dip: the best step still puts it in the lower part
+        ([0.5, 0.4, 0.3], 3),  # all agree: every block lower
+        ([-0.1, -0.3], 0),  # all conflict
+    ],
+)
 def test_auto_split_is_the_best_step_from_agreement_to_conflict(cosines, split):
     assert choose_split(cosines) == split
 
@@ -149,21 +179,40 @@ def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
         early = step <= 40  # the first half is noise from untrained heads; it must not count
         wobble = 0.01 if step % 20 else -0.01  # measurements scatter: a standard error to compare with
         for block in range(12):
-            writer.add_scalar(f"grad_cosine/block_{block:02d}", -0.9 if early else 0.55 - 0.1 * block + wobble, step)
+            writer.add_scalar(
+                f"grad_cosine/block_{block:02d}", -0.9 if early else 0.55 - 0.1 * block + wobble, step
+            )
     writer.close()
     cosines, steps, errors = read_cosines(tmp_path / "hybrid")
     assert cosines == pytest.approx([0.55 - 0.1 * b for b in range(12)]) and steps == [50, 60, 70, 80]
-    assert errors == pytest.approx([0.02 / 3 ** 0.5 / 2] * 12)
-    config = load_config(None, ["method=mocov3", *TINY, "graft.rule=auto", f"graft.auto_from={tmp_path / 'hybrid'}",
-                                f"run.dir={tmp_path / 'run'}"])
+    assert errors == pytest.approx([0.02 / 3**0.5 / 2] * 12)
+    config = load_config(
+        None,
+        [
+            "method=mocov3",
+            *TINY,
+            "graft.rule=auto",
+            f"graft.auto_from={tmp_path / 'hybrid'}",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
     curve, _ = resolve(config, train=None)
     assert config.graft.split == curve["split"] == 6  # blocks 0-5 agree (block 5: 0.05), block 6 on conflict
     assert json.loads((tmp_path / "run" / "graft_auto.json").read_text())["split"] == 6
     groups = objective_param_groups(grafted_objective(config), config)
     scales = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
     assert scales[6] == 0.1 and scales[7] == 1.0  # layer id = block + 1
-    noisy = load_config(None, ["method=mocov3", *TINY, "graft.rule=auto", f"graft.auto_from={tmp_path / 'noise'}",
-                               f"run.dir={tmp_path / 'run2'}", "graft.split=5"])
+    noisy = load_config(
+        None,
+        [
+            "method=mocov3",
+            *TINY,
+            "graft.rule=auto",
+            f"graft.auto_from={tmp_path / 'noise'}",
+            f"run.dir={tmp_path / 'run2'}",
+            "graft.split=5",
+        ],
+    )
     writer = SummaryWriter(str(tmp_path / "noise" / "tb"))
     for step, sign in zip(range(10, 90, 10), (1, -1) * 4):
         for block in range(12):

@@ -1,5 +1,6 @@
 """The online kNN monitor's pieces in one process (its kNN is tested in test_eval.py, the monitor inside real
 2-process trainings in test_train_dist.py)."""
+
 import pytest
 import torch
 
@@ -29,8 +30,18 @@ def test_gather_rows_is_the_identity_in_one_process():
 
 def test_monitor_measures_a_copy_and_refuses_missing_manifests(demo_shards, tmp_path):
     val = demo_shards / "val.json"
-    config = load_config(None, ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32", "run.knn_every=5",
-                                f"data.knn_train={val}", f"data.knn_val={val}", "data.knn_per_class=8"])
+    config = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            "model.patch_size=8",
+            "data.img_size=32",
+            "run.knn_every=5",
+            f"data.knn_train={val}",
+            f"data.knn_val={val}",
+            "data.knn_per_class=8",
+        ],
+    )
     torch.manual_seed(0)
     encoder = create_encoder("vit_tiny", 32, 8).train()
     state = torch.random.get_rng_state()
@@ -46,18 +57,29 @@ def test_monitor_measures_a_copy_and_refuses_missing_manifests(demo_shards, tmp_
     with torch.no_grad():
         encoder.blocks[0].attn.qkv.weight.add_(1.0)
     monitor.measure()
-    assert torch.equal(monitor.copy.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight), "fresh weights"
-    missing = load_config(None, ["run.knn_every=5", f"data.knn_train={tmp_path / 'nope.json'}",
-                                 f"data.knn_val={demo_shards / 'val.json'}"])
+    assert torch.equal(monitor.copy.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight), (
+        "fresh weights"
+    )
+    missing = load_config(
+        None,
+        [
+            "run.knn_every=5",
+            f"data.knn_train={tmp_path / 'nope.json'}",
+            f"data.knn_val={demo_shards / 'val.json'}",
+        ],
+    )
     with pytest.raises(UserError, match="config key data.knn_train: manifest .*nope.json does not exist"):
         KNNMonitor(missing, encoder, torch.device("cpu"), 64)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["run.knn_every=10"], "run.knn_every = 10 must be 0 unless data.knn_train and data.knn_val"),
-    (["run.knn_pool=max"], "run.knn_pool = 'max' must be token or mean"),
-    (["data.knn_per_class=-1"], "run.knn_every = 0 must be >= 0 \\(data.knn_per_class too\\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.knn_every=10"], "run.knn_every = 10 must be 0 unless data.knn_train and data.knn_val"),
+        (["run.knn_pool=max"], "run.knn_pool = 'max' must be token or mean"),
+        (["data.knn_per_class=-1"], "run.knn_every = 0 must be >= 0 \\(data.knn_per_class too\\)"),
+    ],
+)
 def test_bad_monitor_settings_are_named_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, overrides)

@@ -3,6 +3,7 @@
 Layers, lowest first (README, Repository): a module may import its own layer and those below it.
 Function-level imports count like the others, so a cycle cannot hide inside a function.
 """
+
 import ast
 
 import pytest
@@ -26,7 +27,10 @@ LAYERS = [
 ALLOWED_BELOW = {"data_prep": {"pretrain.core", "pretrain.data", "data_prep"}}
 # Project imports inside functions, each for a reason other than a cycle.
 LATE_IMPORTS = {
-    ("pretrain.train", "pretrain.training.engine"): "deepspeed picks its accelerator at import: DS_ACCELERATOR first",
+    (
+        "pretrain.train",
+        "pretrain.training.engine",
+    ): "deepspeed picks its accelerator at import: DS_ACCELERATOR first",
     ("slurm.submit", "pretrain.train"): "lg-submit starts without torch; only the Slurm task trains",
 }
 PACKAGES = ("pretrain", "data_prep", "slurm")
@@ -53,12 +57,21 @@ def imports_of(path, modules):
         for child in ast.iter_child_nodes(node):
             nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.Import):
-                found.extend((alias.name, child.lineno, in_function) for alias in child.names
-                             if alias.name.split(".")[0] in PACKAGES)
-            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module.split(".")[0] in PACKAGES:
+                found.extend(
+                    (alias.name, child.lineno, in_function)
+                    for alias in child.names
+                    if alias.name.split(".")[0] in PACKAGES
+                )
+            elif (
+                isinstance(child, ast.ImportFrom)
+                and child.level == 0
+                and child.module.split(".")[0] in PACKAGES
+            ):
                 for alias in child.names:  # `from pretrain.core import checkpoint` imports a module
                     submodule = f"{child.module}.{alias.name}"
-                    found.append((submodule if submodule in modules else child.module, child.lineno, in_function))
+                    found.append(
+                        (submodule if submodule in modules else child.module, child.lineno, in_function)
+                    )
             visit(child, nested)
 
     visit(ast.parse(path.read_text()), False)
@@ -76,19 +89,23 @@ def upward_imports(graph):
     problems = []
     for module, imported in edges.items():
         mine = layer_of(module)
-        allowed = ALLOWED_BELOW.get(mine, set(LAYERS[:LAYERS.index(mine) + 1]))
+        allowed = ALLOWED_BELOW.get(mine, set(LAYERS[: LAYERS.index(mine) + 1]))
         for target, line, _ in imported:
             if layer_of(target) not in allowed:
-                problems.append(f"{modules[module].relative_to(REPO)}:{line}: {module} ({mine}) imports {target} "
-                                f"({layer_of(target)})")
+                problems.append(
+                    f"{modules[module].relative_to(REPO)}:{line}: {module} ({mine}) imports {target} "
+                    f"({layer_of(target)})"
+                )
     return problems
 
 
 def cycles(graph):
     """Every strongly connected component of more than one module (Tarjan), or with a self-import."""
     _, edges = graph
-    adjacent = {module: sorted({target for target, _, _ in imported if target in edges})
-                for module, imported in edges.items()}
+    adjacent = {
+        module: sorted({target for target, _, _ in imported if target in edges})
+        for module, imported in edges.items()
+    }
     index, low, stack, on_stack, found = {}, {}, [], set(), []
 
     def connect(module):
@@ -134,7 +151,9 @@ def test_the_import_graph_has_no_cycle(graph):
 
 def test_no_late_import_of_a_project_module_but_the_listed_ones(graph):
     modules, edges = graph
-    late = {(module, target) for module, imported in edges.items() for target, _, inside in imported if inside}
+    late = {
+        (module, target) for module, imported in edges.items() for target, _, inside in imported if inside
+    }
     assert late == set(LATE_IMPORTS)
 
 
@@ -142,7 +161,11 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(graph):
     modules, edges = graph
     broken = {module: list(imported) for module, imported in edges.items()}
     broken["pretrain.core.errors"].append(("pretrain.training.engine", 1, True))
-    assert any("pretrain.core.errors (pretrain.core) imports pretrain.training.engine" in problem
-               for problem in upward_imports((modules, broken)))
-    assert any({"pretrain.core.errors", "pretrain.training.engine"} <= set(component)
-               for component in cycles((modules, broken)))
+    assert any(
+        "pretrain.core.errors (pretrain.core) imports pretrain.training.engine" in problem
+        for problem in upward_imports((modules, broken))
+    )
+    assert any(
+        {"pretrain.core.errors", "pretrain.training.engine"} <= set(component)
+        for component in cycles((modules, broken))
+    )

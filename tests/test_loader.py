@@ -1,4 +1,5 @@
 """The WebDataset loader on real shards with real DataLoader worker processes."""
+
 import json
 import pickle
 from collections import Counter
@@ -31,8 +32,9 @@ def epoch_batches(loader, epoch=0, start_step=0):
 def test_epoch_mode_two_ranks_two_workers_read_every_sample_once(demo_shards):
     seen = Counter()
     for rank in range(2):
-        loader = make_loader(demo_shards / "train.json", 16, img_size=IMG, mode="epoch", num_workers=2,
-                             rank=rank, world_size=2)
+        loader = make_loader(
+            demo_shards / "train.json", 16, img_size=IMG, mode="epoch", num_workers=2, rank=rank, world_size=2
+        )
         batches = epoch_batches(loader)
         assert len(batches) == loader.num_batches(0)
         for batch in batches:
@@ -64,8 +66,17 @@ def assert_same_batches(expected, actual):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 @pytest.mark.parametrize("mode, workers", [("resampled", 2), ("epoch", 2), ("epoch", 3)])
 def test_resume_mid_epoch_yields_what_an_uninterrupted_run_would(demo_shards, mode, workers):
-    loader = make_loader(demo_shards / "train.json", 16, view="mae", img_size=IMG, mode=mode,
-                         num_workers=workers, rank=1, world_size=2, seed=3)
+    loader = make_loader(
+        demo_shards / "train.json",
+        16,
+        view="mae",
+        img_size=IMG,
+        mode=mode,
+        num_workers=workers,
+        rank=1,
+        world_size=2,
+        seed=3,
+    )
     full = epoch_batches(loader, epoch=2)
     assert len(full) == loader.num_batches(2) > 10
     for start in (1, 5, len(full) - 1):
@@ -75,8 +86,18 @@ def test_resume_mid_epoch_yields_what_an_uninterrupted_run_would(demo_shards, mo
 
 def test_epochs_and_seeds_change_the_order_but_reruns_do_not(demo_shards):
     def first_keys(epoch, seed):
-        loader = make_loader(demo_shards / "train.json", 16, view="mae", img_size=IMG, mode="resampled",
-                             num_workers=2, rank=0, world_size=2, seed=seed, steps_per_epoch=3)
+        loader = make_loader(
+            demo_shards / "train.json",
+            16,
+            view="mae",
+            img_size=IMG,
+            mode="resampled",
+            num_workers=2,
+            rank=0,
+            world_size=2,
+            seed=seed,
+            steps_per_epoch=3,
+        )
         return [batch["keys"] for batch in loader.epoch(epoch)]
 
     assert first_keys(0, 0) == first_keys(0, 0)
@@ -85,8 +106,16 @@ def test_epochs_and_seeds_change_the_order_but_reruns_do_not(demo_shards):
 
 
 def test_resampled_epoch_has_a_fixed_step_count_and_full_batches(demo_shards):
-    loader = make_loader(demo_shards / "train.json", 32, view="mae", img_size=IMG, mode="resampled",
-                         num_workers=2, rank=0, world_size=2)
+    loader = make_loader(
+        demo_shards / "train.json",
+        32,
+        view="mae",
+        img_size=IMG,
+        mode="resampled",
+        num_workers=2,
+        rank=0,
+        world_size=2,
+    )
     batches = epoch_batches(loader)
     assert loader.steps_per_epoch == 1438 // (32 * 2) == len(batches)
     assert {batch["images"].shape[0] for batch in batches} == {32}
@@ -94,7 +123,9 @@ def test_resampled_epoch_has_a_fixed_step_count_and_full_batches(demo_shards):
 
 
 def test_main_process_loading_leaves_the_callers_generator_alone(demo_shards):
-    loader = make_loader(demo_shards / "val.json", 16, view="mae", img_size=IMG, num_workers=0, rank=0, world_size=1)
+    loader = make_loader(
+        demo_shards / "val.json", 16, view="mae", img_size=IMG, num_workers=0, rank=0, world_size=1
+    )
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -130,29 +161,54 @@ def make_manifest(root, shards):
 
 
 def sample(key, label=0, image=None, **extra):
-    return {"__key__": key, "jpg": image if image is not None else jpeg_bytes(seed=int(key)),
-            "cls": str(label).encode(), "json": json.dumps({"path": key}).encode(), **extra}
+    return {
+        "__key__": key,
+        "jpg": image if image is not None else jpeg_bytes(seed=int(key)),
+        "cls": str(label).encode(),
+        "json": json.dumps({"path": key}).encode(),
+        **extra,
+    }
 
 
 def test_pickle_members_are_never_unpickled(tmp_path):
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(WritesMarker(marker))
-    shards = [write_shard(tmp_path / f"train-{i:06d}.tar",
-                          [sample(f"{i}{j}", pyd=payload, pickle=payload) for j in range(4)]) for i in range(2)]
-    loader = make_loader(make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=2, rank=0, world_size=1)
+    shards = [
+        write_shard(
+            tmp_path / f"train-{i:06d}.tar",
+            [sample(f"{i}{j}", pyd=payload, pickle=payload) for j in range(4)],
+        )
+        for i in range(2)
+    ]
+    loader = make_loader(
+        make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=2, rank=0, world_size=1
+    )
     batches = epoch_batches(loader)
     assert sum(len(b["keys"]) for b in batches) == 8
-    assert set(batches[0]) == {"images", "labels", "keys", "bad_samples", "replaced", "lost_samples",
-                               "skipped_shards"}
+    assert set(batches[0]) == {
+        "images",
+        "labels",
+        "keys",
+        "bad_samples",
+        "replaced",
+        "lost_samples",
+        "skipped_shards",
+    }
     assert not marker.exists()
 
 
 def test_undecodable_sample_is_replaced_and_counted(tmp_path):
     broken = jpeg_bytes()[:100]
-    shards = [write_shard(tmp_path / f"train-{i:06d}.tar",
-                          [sample(f"{i}{j}", label=j % 2, image=broken if (i, j) == (1, 2) else None)
-                           for j in range(4)]) for i in range(2)]
-    loader = make_loader(make_manifest(tmp_path, shards), 4, img_size=IMG, num_workers=2, rank=0, world_size=1)
+    shards = [
+        write_shard(
+            tmp_path / f"train-{i:06d}.tar",
+            [sample(f"{i}{j}", label=j % 2, image=broken if (i, j) == (1, 2) else None) for j in range(4)],
+        )
+        for i in range(2)
+    ]
+    loader = make_loader(
+        make_manifest(tmp_path, shards), 4, img_size=IMG, num_workers=2, rank=0, world_size=1
+    )
     batches = epoch_batches(loader)
     assert [b["images"].shape[0] for b in batches] == [4, 4]
     assert sum(b["bad_samples"] for b in batches) == 1 == loader.bad_samples
@@ -163,9 +219,22 @@ def test_scaled_decoding_resumes_exactly_and_counts_a_jpeg_that_breaks_off(tmp_p
     """The view decodes, at 1/2 or 1/4 scale here (128x96 images, 32 px views): a JPEG whose header reads
     but whose data ends early fails there, and is replaced and counted as one that fails to decode is."""
     whole = jpeg_bytes(size=(128, 96), seed=7)
-    shards = [write_shard(tmp_path / f"train-{i:06d}.tar",
-                          [sample(f"{i}{j}", label=j % 2, image=whole[:len(whole) // 2] if (i, j) == (1, 2) else
-                                  jpeg_bytes(size=(128, 96), seed=10 * i + j)) for j in range(8)]) for i in range(2)]
+    shards = [
+        write_shard(
+            tmp_path / f"train-{i:06d}.tar",
+            [
+                sample(
+                    f"{i}{j}",
+                    label=j % 2,
+                    image=whole[: len(whole) // 2]
+                    if (i, j) == (1, 2)
+                    else jpeg_bytes(size=(128, 96), seed=10 * i + j),
+                )
+                for j in range(8)
+            ],
+        )
+        for i in range(2)
+    ]
     options = dict(view="byol", img_size=IMG, mode="epoch", num_workers=2, rank=0, world_size=1, seed=1)
     scaled = make_loader(make_manifest(tmp_path, shards), 2, scaled_decoding=True, **options)
     full = make_loader(make_manifest(tmp_path, shards), 2, **options)
@@ -174,29 +243,42 @@ def test_scaled_decoding_resumes_exactly_and_counts_a_jpeg_that_breaks_off(tmp_p
     assert_same_batches(batches[3:], epoch_batches(scaled, start_step=3))
     reference = epoch_batches(full)
     assert [b["keys"] for b in reference] == [b["keys"] for b in batches]
-    assert any(not torch.equal(a, b) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"]))
+    assert any(
+        not torch.equal(a, b) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"])
+    )
 
 
 def test_tensor_colour_ops_resume_exactly_and_keep_the_samples_and_crops(tmp_path):
     """data.colour_ops: tensor draws what the PIL steps draw: the same samples in the same order, the same
     crops (the pixels differ by the colour steps' rounding only), and resume stays exact."""
-    shards = [write_shard(tmp_path / f"train-{i:06d}.tar", [sample(f"{i}{j}", label=j % 2,
-                                                                   image=jpeg_bytes(size=(64, 48), seed=10 * i + j))
-                                                            for j in range(6)]) for i in range(2)]
+    shards = [
+        write_shard(
+            tmp_path / f"train-{i:06d}.tar",
+            [
+                sample(f"{i}{j}", label=j % 2, image=jpeg_bytes(size=(64, 48), seed=10 * i + j))
+                for j in range(6)
+            ],
+        )
+        for i in range(2)
+    ]
     options = dict(view="byol", img_size=IMG, mode="epoch", num_workers=2, rank=0, world_size=1, seed=3)
     tensor = make_loader(make_manifest(tmp_path, shards), 2, colour_ops="tensor", **options)
     batches = epoch_batches(tensor)
     assert_same_batches(batches[2:], epoch_batches(tensor, start_step=2))
     reference = epoch_batches(make_loader(make_manifest(tmp_path, shards), 2, **options))
     assert [b["keys"] for b in reference] == [b["keys"] for b in batches]
-    pairs = [(a.double(), b.double()) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"])]
+    pairs = [
+        (a.double(), b.double()) for x, y in zip(reference, batches) for a, b in zip(x["images"], y["images"])
+    ]
     assert any(not torch.equal(a, b) for a, b in pairs)
-    assert all(10 * torch.log10(255 ** 2 / ((a - b) ** 2).mean().clamp_min(1e-10)) > 30 for a, b in pairs)
+    assert all(10 * torch.log10(255**2 / ((a - b) ** 2).mean().clamp_min(1e-10)) > 30 for a, b in pairs)
 
 
 def test_a_batch_with_no_decodable_sample_is_an_error(tmp_path):
     shards = [write_shard(tmp_path / "train-000000.tar", [sample(f"{j}", image=b"junk") for j in range(2)])]
-    loader = make_loader(make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=0, rank=0, world_size=1)
+    loader = make_loader(
+        make_manifest(tmp_path, shards), 2, img_size=IMG, num_workers=0, rank=0, world_size=1
+    )
     with pytest.raises(RuntimeError, match="no sample of a batch decodes"):
         epoch_batches(loader)
 
@@ -239,8 +321,15 @@ dist.destroy_process_group()
 def test_ranks_come_from_torch_distributed(demo_shards, tmp_path):
     script = tmp_path / "read.py"
     script.write_text(DIST_SCRIPT)
-    result = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", 2, script,
-                     demo_shards / "val.json", timeout=180)
+    result = run_cli(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        2,
+        script,
+        demo_shards / "val.json",
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["world"] == 2

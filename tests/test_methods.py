@@ -1,5 +1,6 @@
 """The methods beyond MAE and MoCo v3, in one process: losses against plain re-implementations, masks,
 the momentum branch, and the gradient of the all-gather SimCLR uses (2 gloo processes)."""
+
 import math
 import os
 import socket
@@ -16,10 +17,25 @@ from pretrain.methods import OBJECTIVES, build_objective
 from pretrain.methods.momentum import MomentumBranch
 from pretrain.models import block_mask, create_encoder, enable_block_checkpointing
 
-TINY = ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32", "moco.mlp_dim=64", "moco.out_dim=16",
-        "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", "simclr.mlp_dim=64", "byol.mlp_dim=64",
-        "simsiam.dim=64", "simsiam.pred_dim=16", "simmim.mask_patch_size=16", "conmim.mask_patch_size=16",
-        "cmae.feature_decoder_dim=32", "cmae.mlp_dim=64", "finetune.num_classes=4"]
+TINY = [
+    "model.arch=vit_tiny",
+    "model.patch_size=8",
+    "data.img_size=32",
+    "moco.mlp_dim=64",
+    "moco.out_dim=16",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+    "simclr.mlp_dim=64",
+    "byol.mlp_dim=64",
+    "simsiam.dim=64",
+    "simsiam.pred_dim=16",
+    "simmim.mask_patch_size=16",
+    "conmim.mask_patch_size=16",
+    "cmae.feature_decoder_dim=32",
+    "cmae.mlp_dim=64",
+    "finetune.num_classes=4",
+]
 TWO_VIEWS = {"mocov3", "simclr", "byol", "simsiam", "cmae", "conmim"}
 
 
@@ -42,7 +58,9 @@ def test_every_method_gives_a_finite_loss_and_trains_its_encoder(method):
     assert math.isfinite(outputs["loss"].item())
     outputs["loss"].backward()
     grads = [p.grad for p in objective.encoder.blocks.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(
+        g.abs().sum() > 0 for g in grads
+    )
     assert all(p.grad is None for name, p in objective.named_parameters() if not p.requires_grad)
 
 
@@ -56,7 +74,7 @@ def test_simclr_is_nt_xent_over_both_views():
     reference = 0.0
     for i in range(2 * n):
         positive = (i + n) % (2 * n)
-        others = torch.cat([similarity[i, :i], similarity[i, i + 1:]])
+        others = torch.cat([similarity[i, :i], similarity[i, i + 1 :]])
         reference += -(similarity[i, positive] - torch.logsumexp(others, 0))
     assert torch.allclose(loss, reference / (2 * n), atol=1e-5)
 
@@ -144,7 +162,9 @@ def test_all_gather_with_grad_gives_each_rank_the_gradient_of_every_ranks_loss()
         port = probe.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_gather_worker, args=(port, results), nprocs=2)
-    total = torch.arange(12, dtype=torch.float32).view(6, 2) * (1 + 2)  # d/dx of the sum of both ranks' losses
+    total = torch.arange(12, dtype=torch.float32).view(6, 2) * (
+        1 + 2
+    )  # d/dx of the sum of both ranks' losses
     assert torch.equal(results[0], total[:3]) and torch.equal(results[1], total[3:])
 
 
@@ -155,11 +175,13 @@ def test_pair_metrics_tell_agreement_spread_and_collapse():
     spread = torch.randn(64, 16)
     same = pair_metrics(spread, spread)
     assert same["repr/pair_top1"] == 1 and same["repr/alignment"] == 0
-    assert same["repr/uniformity"] < -2 and same["repr/std"] == pytest.approx(16 ** -0.5, rel=0.2)
+    assert same["repr/uniformity"] < -2 and same["repr/std"] == pytest.approx(16**-0.5, rel=0.2)
     shuffled = pair_metrics(spread, spread[torch.randperm(64)])
     assert shuffled["repr/pair_top1"] < 0.1 and shuffled["repr/alignment"] > 1.5
     collapsed = pair_metrics(torch.ones(64, 16), torch.ones(64, 16))
-    assert collapsed["repr/uniformity"] == 0 and collapsed["repr/std"] == 0 and collapsed["repr/alignment"] == 0
+    assert (
+        collapsed["repr/uniformity"] == 0 and collapsed["repr/std"] == 0 and collapsed["repr/alignment"] == 0
+    )
 
 
 @pytest.mark.parametrize("method", ["mocov3", "simclr", "byol", "simsiam"])
@@ -171,9 +193,16 @@ def test_two_view_methods_log_the_pair_metrics(method):
 def test_global_pool_avg_feeds_the_heads_the_mean_patch_token_and_keeps_timms_names():
     from pretrain.models import pool_tokens
 
-    token, avg = tiny("mocov3"), build_objective(load_config(None, ["method=mocov3", *TINY, "model.global_pool=avg"]))
-    assert list(token.encoder.state_dict()) == list(avg.encoder.state_dict()), "exports load into the token model"
+    token, avg = (
+        tiny("mocov3"),
+        build_objective(load_config(None, ["method=mocov3", *TINY, "model.global_pool=avg"])),
+    )
+    assert list(token.encoder.state_dict()) == list(avg.encoder.state_dict()), (
+        "exports load into the token model"
+    )
     images = torch.randn(4, 3, 32, 32)
     avg.eval()
-    assert torch.allclose(avg.encoder(images), pool_tokens(avg.encoder, avg.encoder.forward_features(images), "mean"))
+    assert torch.allclose(
+        avg.encoder(images), pool_tokens(avg.encoder, avg.encoder.forward_features(images), "mean")
+    )
     assert avg.target.branch["encoder"].global_pool == "avg", "the momentum encoder reads the same token"

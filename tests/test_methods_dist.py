@@ -1,5 +1,7 @@
-"""Every method beyond MAE and MoCo v3 (tested in test_train_dist.py) for real: 2 gloo processes, DeepSpeed ZeRO-2 on the embedded
+"""Every method beyond MAE and MoCo v3 (tested in test_train_dist.py) for real: 2 gloo processes, DeepSpeed
+ZeRO-2 on the embedded
 digits (the loss must drop), and the momentum methods under all-partitioned ZeRO-3 as well."""
+
 import math
 
 import pytest
@@ -19,7 +21,10 @@ METHODS = {
     "byol": (["byol.mlp_dim=128", "byol.out_dim=32", "optim.base_lr=2e-3"], 0.6),
     "simsiam": (["simsiam.dim=128", "simsiam.pred_dim=32", "optim.base_lr=1e-2"], 0.06),
     "simmim": (["simmim.mask_patch_size=16", "optim.base_lr=2e-3"], 0.1),
-    "cmae": (["mae.mask_ratio=0.65", "cmae.feature_decoder_dim=64", "cmae.mlp_dim=128", "optim.base_lr=2e-3"], 0.35),
+    "cmae": (
+        ["mae.mask_ratio=0.65", "cmae.feature_decoder_dim=64", "cmae.mlp_dim=128", "optim.base_lr=2e-3"],
+        0.35,
+    ),
     "conmim": (["conmim.mask_patch_size=16", "optim.base_lr=2e-3"], 0.35),
 }
 MOMENTUM_METHODS = ["byol", "cmae", "conmim"]
@@ -37,9 +42,16 @@ def short_run(manifest, tmp_path_factory):
     def run(method):
         if method not in runs:
             run_dir = tmp_path_factory.mktemp(f"short_{method}")
-            result = pretrain(run_dir, manifest, f"method={method}", "deepspeed.config=ds_configs/zero2.json",
-                              "deepspeed.precision=fp32", f"run.max_steps={STEPS}", "run.log_every=1",
-                              *METHODS[method][0])
+            result = pretrain(
+                run_dir,
+                manifest,
+                f"method={method}",
+                "deepspeed.config=ds_configs/zero2.json",
+                "deepspeed.precision=fp32",
+                f"run.max_steps={STEPS}",
+                "run.log_every=1",
+                *METHODS[method][0],
+            )
             assert result.returncode == 0, result.stderr[-4000:]
             runs[method] = run_dir
         return runs[method]
@@ -53,8 +65,10 @@ def test_method_trains_in_two_processes_and_its_loss_drops(short_run, method):
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - METHODS[method][1], losses
-    if method == "simsiam":  # not by collapsing: the normalized outputs keep their spread (1/sqrt(128) if healthy)
-        assert scalar_values(short_run(method), "output_std")[-1] > 0.5 / 128 ** 0.5
+    if (
+        method == "simsiam"
+    ):  # not by collapsing: the normalized outputs keep their spread (1/sqrt(128) if healthy)
+        assert scalar_values(short_run(method), "output_std")[-1] > 0.5 / 128**0.5
 
 
 @pytest.mark.parametrize("method", MOMENTUM_METHODS)
@@ -62,13 +76,24 @@ def test_momentum_method_under_zero3_matches_zero2(short_run, manifest, tmp_path
     """With every parameter partitioned, the same first two steps as under ZeRO-2 (up to reduction order),
     and the momentum branch checkpointed."""
     run_dir = tmp_path / "zero3"
-    result = pretrain(run_dir, manifest, f"method={method}", f"deepspeed.config={zero3_config}",
-                      "deepspeed.precision=fp32", "run.max_steps=2", "run.log_every=1", *METHODS[method][0])
+    result = pretrain(
+        run_dir,
+        manifest,
+        f"method={method}",
+        f"deepspeed.config={zero3_config}",
+        "deepspeed.precision=fp32",
+        "run.max_steps=2",
+        "run.log_every=1",
+        *METHODS[method][0],
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert scalar_values(run_dir, "loss") == pytest.approx(scalar_values(short_run(method), "loss")[:2], rel=1e-4)
+    assert scalar_values(run_dir, "loss") == pytest.approx(
+        scalar_values(short_run(method), "loss")[:2], rel=1e-4
+    )
     state = consolidated_state_dict(run_dir / "ckpt", tag_of(2))
     assert any(name.startswith("encoder.blocks.11.") for name in state)
-    saved = torch.load(next((run_dir / "ckpt" / tag_of(2)).glob("*model_states.pt")), map_location="cpu",
-                       weights_only=False)
+    saved = torch.load(
+        next((run_dir / "ckpt" / tag_of(2)).glob("*model_states.pt")), map_location="cpu", weights_only=False
+    )
     branch = saved["objective"]["momentum_branch"]
     assert any(name.startswith("encoder.blocks.11.") for name in branch)

@@ -5,6 +5,7 @@ Sources (read with the project's code search, not vendored): facebookresearch/mo
 and main_moco.py, facebookresearch/mae util/pos_embed.py, main_pretrain.py and main_finetune.py,
 VITA-Group/layerGraftedPretraining_ICLR23 utils_mae/lr_decay.py (param_groups_lrd_moco).
 """
+
 import math
 
 import pytest
@@ -82,8 +83,11 @@ PINNED_MOCO_LOSS = 1.8589747
 
 def decay_of(method, *overrides):
     objective, config = build(method, *overrides)
-    return {name: group["weight_decay"] for group in objective_param_groups(objective, config)
-            for name in group["names"]}
+    return {
+        name: group["weight_decay"]
+        for group in objective_param_groups(objective, config)
+        for name in group["names"]
+    }
 
 
 def test_mocov3_decays_every_trained_parameter():
@@ -132,8 +136,12 @@ def test_position_table_is_maes_sincos_in_maes_channel_order():
     table = sincos_2d_table((3, 3), 8)
     omega = [1.0, 0.01]  # dim 8: two frequencies per quarter
     h, w = 1, 2
-    expected = [math.sin(w * o) for o in omega] + [math.cos(w * o) for o in omega] + \
-        [math.sin(h * o) for o in omega] + [math.cos(h * o) for o in omega]
+    expected = (
+        [math.sin(w * o) for o in omega]
+        + [math.cos(w * o) for o in omega]
+        + [math.sin(h * o) for o in omega]
+        + [math.cos(h * o) for o in omega]
+    )
     assert table[h * 3 + w].tolist() == pytest.approx(expected, abs=1e-7)
     encoder = create_encoder("vit_tiny", 32, 8)
     assert torch.equal(encoder.pos_embed[0, 0], torch.zeros(192)), "the class token's position is zero"
@@ -169,8 +177,9 @@ def test_finetuning_classifier_is_maes_global_pool_model_and_a_timm_state_dict(t
         model.head.weight.normal_()  # a head that says something
         images = torch.randn(4, 3, 32, 32)
         assert torch.allclose(model(images), maes_global_pool_forward(model, images), atol=1e-6)
-    timm.create_model("vit_tiny_patch16_224", num_classes=10, global_pool="avg", img_size=32,
-                      patch_size=8).load_state_dict(model.state_dict(), strict=True)
+    timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, global_pool="avg", img_size=32, patch_size=8
+    ).load_state_dict(model.state_dict(), strict=True)
     token = create_classifier("vit_tiny", 32, 8, 10, "token")
     assert isinstance(token.norm, nn.LayerNorm) and isinstance(token.fc_norm, nn.Identity)
 
@@ -180,7 +189,9 @@ def test_finetuning_classifier_is_maes_global_pool_model_and_a_timm_state_dict(t
     config.graft.init = str(tmp_path / "encoder.pth")
     objective = grafted_objective(config)
     loaded = objective.encoder.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("norm."))
+    assert all(
+        torch.equal(loaded[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("norm.")
+    )
     assert "norm.weight" not in loaded and loaded["head.weight"].std() < 4e-5
 
 
@@ -199,4 +210,6 @@ def test_maes_global_pool_fine_tuned_layout_is_read_for_evaluation(tmp_path):
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         features = pool_tokens(encoder, encoder.forward_features(images), "mean")
-        assert torch.allclose(features, classifier.forward_head(classifier.forward_features(images), pre_logits=True))
+        assert torch.allclose(
+            features, classifier.forward_head(classifier.forward_features(images), pre_logits=True)
+        )

@@ -1,6 +1,7 @@
 """Shards at URLs, read through webdataset's opener, tested against a real HTTP server on 127.0.0.1
 (Python's http.server in a subprocess): the same batches as from the files, bounded retries when the
 server breaks off mid-shard, a clear error naming the URL when it never answers (or answers 404)."""
+
 import logging
 import socket
 import subprocess
@@ -41,7 +42,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.connection.shutdown(2)
         self.close_connection = True
 
-http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=root)).serve_forever()
+http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler,
+directory=root)).serve_forever()
 """
 
 
@@ -83,7 +85,9 @@ def url_manifest(demo_shards, base, out, split="train", rename=None):
 
 
 def batches(manifest, count, **options):
-    loader = make_loader(manifest, 16, view="mae", img_size=32, mode="resampled", num_workers=0, seed=3, **options)
+    loader = make_loader(
+        manifest, 16, view="mae", img_size=32, mode="resampled", num_workers=0, seed=3, **options
+    )
     stream = loader.epoch(0)
     return [next(stream) for _ in range(count)], loader
 
@@ -94,10 +98,18 @@ def test_shards_from_urls_give_the_batches_of_the_files(demo_shards, served, tmp
     local, _ = batches(demo_shards / "train.json", 6)
     streamed, loader = batches(remote, 6)
     for a, b in zip(local, streamed):
-        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+        assert (
+            a["keys"] == b["keys"]
+            and torch.equal(a["images"], b["images"])
+            and torch.equal(a["labels"], b["labels"])
+        )
     assert loader.lost_samples == loader.skipped_shards == 0
-    epoch = make_loader(remote, 32, view="eval", img_size=32, mode="epoch", num_workers=2, rank=0, world_size=1)
-    assert sum(len(b["labels"]) for b in epoch.epoch(0)) == Manifest.load(remote).num_samples  # every image once
+    epoch = make_loader(
+        remote, 32, view="eval", img_size=32, mode="epoch", num_workers=2, rank=0, world_size=1
+    )
+    assert (
+        sum(len(b["labels"]) for b in epoch.epoch(0)) == Manifest.load(remote).num_samples
+    )  # every image once
 
 
 def test_a_streamed_shard_hashes_to_the_files_digest(demo_shards, served):
@@ -131,13 +143,19 @@ def test_an_unreadable_url_stops_with_an_error_naming_it_after_bounded_retries(d
         base = f"http://127.0.0.1:{free_port()}"
     if case == "not_found":
         process, base = start_server(demo_shards)
-    rename = {shard.name: "missing.tar" for shard in Manifest.load(demo_shards / "train.json").shards} \
-        if case == "not_found" else None
+    rename = (
+        {shard.name: "missing.tar" for shard in Manifest.load(demo_shards / "train.json").shards}
+        if case == "not_found"
+        else None
+    )
     remote = url_manifest(demo_shards, base, tmp_path / "train.json", rename=rename)
     started = time.monotonic()
     try:
-        with pytest.raises(DataUnavailable, match=r"shard http://127\.0\.0\.1:\d+/\S+ could not be read after 2 "
-                                                  r"retries") as error:
+        with pytest.raises(
+            DataUnavailable,
+            match=r"shard http://127\.0\.0\.1:\d+/\S+ could not be read after 2 "
+            r"retries",
+        ) as error:
             batches(remote, 2, url_retries=2, url_backoff=0.05)
     finally:
         if process is not None:

@@ -1,4 +1,5 @@
 """lg-shard on real files: round trip, ImageNet layouts, bad inputs, errors, determinism, crash resume."""
+
 import io
 import json
 import signal
@@ -57,8 +58,20 @@ def test_round_trip_keeps_bytes_labels_and_every_image_once(demo_images, demo_sh
 def test_same_seed_gives_identical_shards_with_any_worker_count(demo_images, tmp_path):
     hashes = {}
     for name, seed, workers in (("a", 0, 1), ("b", 0, 2), ("c", 1, 2)):
-        result = shard(demo_images, tmp_path / name, "--split", "val", "--layout", "imagefolder",
-                       "--max-per-shard", 100, "--seed", seed, "--workers", workers)
+        result = shard(
+            demo_images,
+            tmp_path / name,
+            "--split",
+            "val",
+            "--layout",
+            "imagefolder",
+            "--max-per-shard",
+            100,
+            "--seed",
+            seed,
+            "--workers",
+            workers,
+        )
         assert result.returncode == 0, result.stderr
         hashes[name] = [s["sha256"] for s in read_manifest(tmp_path / name, "val")["shards"]]
     assert hashes["a"] == hashes["b"]
@@ -125,14 +138,18 @@ def test_imagenet_train_and_flat_val_with_devkit_labels(tmp_path):
 def test_flat_val_with_kaggle_csv_lists_unlabeled_images(tmp_path):
     src, out = tmp_path / "imagenet", tmp_path / "out"
     fake_imagenet(src)
-    rows = [f"ILSVRC2012_val_{n:08d},{WNID_OF_ID[i]} 1 2 3 4 {WNID_OF_ID[i]} 5 6 7 8" for n, i in enumerate(VAL_IDS, 1)]
+    rows = [
+        f"ILSVRC2012_val_{n:08d},{WNID_OF_ID[i]} 1 2 3 4 {WNID_OF_ID[i]} 5 6 7 8"
+        for n, i in enumerate(VAL_IDS, 1)
+    ]
     write_file(src / "LOC_val_solution.csv", ("ImageId,PredictionString\n" + "\n".join(rows)).encode())
     write_file(src / "val" / "ILSVRC2012_val_00000099.JPEG", jpeg_bytes())
     result = shard(src, out, "--split", "val")
     assert result.returncode == 0, result.stderr
     manifest = check_val_labels(out)
-    assert manifest["skipped"] == [{"path": "val/ILSVRC2012_val_00000099.JPEG",
-                                    "reason": f"no label in {src / 'LOC_val_solution.csv'}"}]
+    assert manifest["skipped"] == [
+        {"path": "val/ILSVRC2012_val_00000099.JPEG", "reason": f"no label in {src / 'LOC_val_solution.csv'}"}
+    ]
 
 
 def test_sorted_wnid_list_for_devkit_ids_is_refused(tmp_path):
@@ -168,10 +185,17 @@ def test_structure_check_agrees_with_a_full_decode(mode, needs_conversion):
 def test_bad_files_are_skipped_and_odd_images_kept(tmp_path):
     src = tmp_path / "src"
     good, full = jpeg_bytes(seed=1), jpeg_bytes(size=(64, 48), seed=2)
-    odd = {"cmyk.jpg": jpeg_bytes(mode="CMYK"), "gray.jpg": jpeg_bytes(mode="L"),
-           "png_named.JPEG": jpeg_bytes(fmt="PNG")}
-    bad = {"truncated.jpg": full[: len(full) // 2], "empty.jpg": b"", "text.JPEG": b"this is not an image\n",
-           "thumbnail_truncated.jpg": truncated_with_exif_thumbnail()}
+    odd = {
+        "cmyk.jpg": jpeg_bytes(mode="CMYK"),
+        "gray.jpg": jpeg_bytes(mode="L"),
+        "png_named.JPEG": jpeg_bytes(fmt="PNG"),
+    }
+    bad = {
+        "truncated.jpg": full[: len(full) // 2],
+        "empty.jpg": b"",
+        "text.JPEG": b"this is not an image\n",
+        "thumbnail_truncated.jpg": truncated_with_exif_thumbnail(),
+    }
     write_file(src / "a" / "good.jpg", good)
     for name, data in {**odd, **bad}.items():
         write_file(src / ("b" if name in odd else "a") / name, data)
@@ -183,7 +207,9 @@ def test_bad_files_are_skipped_and_odd_images_kept(tmp_path):
         reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
         assert reasons["empty.jpg"] == "empty file" and "truncated" in reasons["truncated.jpg"]
         assert "not a decodable image" in reasons["text.JPEG"]
-        stored = {Path(json.loads(s["json"])["path"]).name: s["jpg"] for s in tar_samples(out, "train").values()}
+        stored = {
+            Path(json.loads(s["json"])["path"]).name: s["jpg"] for s in tar_samples(out, "train").values()
+        }
         assert sorted(stored) == sorted(["good.jpg", *odd]) and stored["good.jpg"] == good
         for name, data in odd.items():
             image = Image.open(io.BytesIO(stored[name]))
@@ -239,12 +265,30 @@ def many_images(root, count=1200):
 
 def start_and_interrupt(src, out, sig):
     """Start lg-shard, send `sig` once two shards are complete; return the finished process."""
-    command = [sys.executable, "-m", "data_prep.shard", str(src), str(out), "--split", "train",
-               "--layout", "imagefolder", "--max-per-shard", "20", "--workers", "2", "--full-decode"]
+    command = [
+        sys.executable,
+        "-m",
+        "data_prep.shard",
+        str(src),
+        str(out),
+        "--split",
+        "train",
+        "--layout",
+        "imagefolder",
+        "--max-per-shard",
+        "20",
+        "--workers",
+        "2",
+        "--full-decode",
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     before = len(list(out.glob("train-*.tar"))) if out.exists() else 0
     deadline = time.monotonic() + 120
-    while len(list(out.glob("train-*.tar"))) < before + 2 and process.poll() is None and time.monotonic() < deadline:
+    while (
+        len(list(out.glob("train-*.tar"))) < before + 2
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.005)
     process.send_signal(sig)
     process.communicate(timeout=60)
@@ -264,14 +308,28 @@ def test_interrupted_sharding_resumes_with_every_image_exactly_once(tmp_path):
     assert {p.name: p.stat().st_size for p in out.iterdir()} == partial
     assert 2 <= len([n for n in partial if n.endswith(".tar") and not n.startswith(".")]) < 60
 
-    resumed = run_cli("data_prep.shard", src, out, "--split", "train", "--layout", "imagefolder",
-                      "--max-per-shard", 20, "--workers", 2, "--full-decode")
+    resumed = run_cli(
+        "data_prep.shard",
+        src,
+        out,
+        "--split",
+        "train",
+        "--layout",
+        "imagefolder",
+        "--max-per-shard",
+        20,
+        "--workers",
+        2,
+        "--full-decode",
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     paths = Counter(json.loads(s["json"])["path"] for s in tar_samples(out, "train").values())
     assert len(paths) == 1200 and set(paths.values()) == {1}
     assert read_manifest(out, "train")["num_samples"] == 1200
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"train-{i:06d}.tar" for i in range(60)] + ["train.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"train-{i:06d}.tar" for i in range(60)] + ["train.json"]
+    )
     verified = run_cli("data_prep.verify", out, "--split", "train")
     assert verified.returncode == 0, verified.stdout
 
@@ -282,25 +340,60 @@ def test_a_subset_list_shards_exactly_the_listed_files_and_a_missing_name_is_nam
     subset = tmp_path / "1percent.txt"
     subset.write_text("# a subset list, SimCLR's format\n" + "".join(f"{p.name}\n" for p in listed))
     out = tmp_path / "subset"
-    result = run_cli("data_prep.shard", demo_images, out, "--split", "train", "--layout", "imagefolder",
-                     "--subset-file", subset, "--workers", 1)
+    result = run_cli(
+        "data_prep.shard",
+        demo_images,
+        out,
+        "--split",
+        "train",
+        "--layout",
+        "imagefolder",
+        "--subset-file",
+        subset,
+        "--workers",
+        1,
+    )
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(out, "train")
     paths = sorted(json.loads(s["json"])["path"] for s in tar_samples(out, "train").values())
     assert paths == sorted(p.relative_to(demo_images).as_posix() for p in listed)
     assert manifest["num_samples"] == 15 and manifest["subset"] == {"file": str(subset), "names": 15}
     subset.write_text(subset.read_text() + "n01440764_10026.JPEG\n")
-    missing = run_cli("data_prep.shard", demo_images, tmp_path / "other", "--split", "train", "--layout",
-                      "imagefolder", "--subset-file", subset)
-    assert missing.returncode == 2 and "'n01440764_10026.JPEG' is not an image of this split" in missing.stderr
+    missing = run_cli(
+        "data_prep.shard",
+        demo_images,
+        tmp_path / "other",
+        "--split",
+        "train",
+        "--layout",
+        "imagefolder",
+        "--subset-file",
+        subset,
+    )
+    assert (
+        missing.returncode == 2 and "'n01440764_10026.JPEG' is not an image of this split" in missing.stderr
+    )
 
 
 def test_a_subset_fraction_keeps_that_share_of_every_class_by_seed(demo_images, tmp_path):
     counts = {}
     for seed in (0, 0, 1):
         out = tmp_path / f"fraction{len(counts)}"
-        result = run_cli("data_prep.shard", demo_images, out, "--split", "train", "--layout", "imagefolder",
-                         "--subset-fraction", 0.1, "--subset-seed", seed, "--workers", 1)
+        result = run_cli(
+            "data_prep.shard",
+            demo_images,
+            out,
+            "--split",
+            "train",
+            "--layout",
+            "imagefolder",
+            "--subset-fraction",
+            0.1,
+            "--subset-seed",
+            seed,
+            "--workers",
+            1,
+        )
         assert result.returncode == 0, result.stderr
         counts[out] = sorted(json.loads(s["json"])["path"] for s in tar_samples(out, "train").values())
     first, again, other = counts.values()
@@ -321,12 +414,18 @@ def test_max_side_resizes_the_large_images_only_and_lg_verify_holds_it(tmp_path)
     smooth = np.stack([x * 255 / 500, y * 255 / 375, (x + y) * 255 / 875], axis=-1).astype(np.uint8)
     photo = io.BytesIO()
     Image.fromarray(smooth).save(photo, format="JPEG", quality=95)
-    images = {"wide.jpg": photo.getvalue(), "tall.jpg": jpeg_bytes(size=(120, 400), seed=2),
-              "small.jpg": jpeg_bytes(size=(300, 200), seed=3), "cmyk.jpg": jpeg_bytes(size=(640, 480), mode="CMYK")}
+    images = {
+        "wide.jpg": photo.getvalue(),
+        "tall.jpg": jpeg_bytes(size=(120, 400), seed=2),
+        "small.jpg": jpeg_bytes(size=(300, 200), seed=3),
+        "cmyk.jpg": jpeg_bytes(size=(640, 480), mode="CMYK"),
+    }
     for name, data in images.items():
         write_file(src / "a" / name, data)
     out = tmp_path / "out"
-    result = shard(src, out, "--split", "train", "--layout", "imagefolder", "--max-side", 320, "--quality", 85)
+    result = shard(
+        src, out, "--split", "train", "--layout", "imagefolder", "--max-side", 320, "--quality", 85
+    )
     assert result.returncode == 0, result.stderr
     assert "resized 3 to a longer side of 320" in result.stdout
     manifest = read_manifest(out, "train")
@@ -334,11 +433,16 @@ def test_max_side_resizes_the_large_images_only_and_lg_verify_holds_it(tmp_path)
     stored = {Path(json.loads(s["json"])["path"]).name: s["jpg"] for s in tar_samples(out, "train").values()}
     assert stored["small.jpg"] == images["small.jpg"]
     sizes = {name: Image.open(io.BytesIO(data)).size for name, data in stored.items()}
-    assert sizes == {"wide.jpg": (320, 240), "tall.jpg": (96, 320), "small.jpg": (300, 200), "cmyk.jpg": (320, 240)}
+    assert sizes == {
+        "wide.jpg": (320, 240),
+        "tall.jpg": (96, 320),
+        "small.jpg": (300, 200),
+        "cmyk.jpg": (320, 240),
+    }
     assert Image.open(io.BytesIO(stored["cmyk.jpg"])).mode == "RGB"
     original = np.asarray(Image.fromarray(smooth).resize((320, 240), Image.Resampling.BILINEAR), dtype=float)
     resized = np.asarray(Image.open(io.BytesIO(stored["wide.jpg"])), dtype=float)
-    assert 10 * np.log10(255 ** 2 / np.mean((original - resized) ** 2)) > 35  # the same picture, smaller
+    assert 10 * np.log10(255**2 / np.mean((original - resized) ** 2)) > 35  # the same picture, smaller
     verified = run_cli("data_prep.verify", out, "--split", "train")
     assert verified.returncode == 0 and "OK" in verified.stdout, verified.stdout
     manifest["resize"]["max_side"] = 256  # a manifest that claims smaller images than the shards hold
@@ -346,6 +450,8 @@ def test_max_side_resizes_the_large_images_only_and_lg_verify_holds_it(tmp_path)
     verified = run_cli("data_prep.verify", out, "--split", "train")
     assert verified.returncode == 1 and "longer than the manifest's max_side 256" in verified.stdout
     again = shard(src, out, "--split", "train", "--layout", "imagefolder", "--max-side", 384)
-    assert again.returncode == 2 and "different lg-shard command" in again.stderr  # never mixed with other sizes
+    assert (
+        again.returncode == 2 and "different lg-shard command" in again.stderr
+    )  # never mixed with other sizes
     bad = shard(src, tmp_path / "bad", "--split", "train", "--layout", "imagefolder", "--max-side", 8)
     assert bad.returncode == 2 and "--max-side 8" in bad.stderr

@@ -1,4 +1,5 @@
 """lg-shard's tar writer and reader agree with tarfile and webdataset."""
+
 import hashlib
 import io
 import tarfile
@@ -10,8 +11,15 @@ from pretrain.data.shard_tar import ShardTarWriter, read_shard
 
 
 def samples(count=5):
-    return [{"__key__": f"{i:08d}", "jpg": bytes([i]) * (100 + 700 * i), "cls": str(i).encode(),
-             "json": b'{"path": "x"}'} for i in range(count)]
+    return [
+        {
+            "__key__": f"{i:08d}",
+            "jpg": bytes([i]) * (100 + 700 * i),
+            "cls": str(i).encode(),
+            "json": b'{"path": "x"}',
+        }
+        for i in range(count)
+    ]
 
 
 def wds_read(path):
@@ -39,8 +47,9 @@ def test_reader_matches_webdataset_on_foreign_tars(tmp_path, fmt):
     path = tmp_path / "b.tar"
     long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "dir/sub"
     with tarfile.open(path, "w", format=fmt) as tar:
-        for i, name in enumerate(["k0.jpg", "k0.CLS", "k0.json", f"{long_dir}/k1.jpg", f"{long_dir}/k1.seg.png",
-                                  "k2.jpg"]):
+        for i, name in enumerate(
+            ["k0.jpg", "k0.CLS", "k0.json", f"{long_dir}/k1.jpg", f"{long_dir}/k1.seg.png", "k2.jpg"]
+        ):
             info = tarfile.TarInfo(name)
             payload = name.encode() * (i + 1)
             info.size, info.mtime = len(payload), 1.5 if fmt == tarfile.PAX_FORMAT else 0
@@ -83,6 +92,7 @@ def test_corrupt_header_raises(tmp_path):
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 10**6, 8**11 - 1])
 def test_header_matches_tarfile_byte_for_byte(name, size):
     from pretrain.data.shard_tar import ustar_header
+
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, 12345, 0o444, "bigdata", "bigdata"
     assert ustar_header(name, size, 12345) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")

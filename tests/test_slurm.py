@@ -2,6 +2,7 @@
 
 Every wait has a deadline: a job that dies or hangs fails its test (and is cancelled), never hangs it.
 """
+
 import os
 import shutil
 import subprocess
@@ -16,10 +17,28 @@ from slurm.submit import expand_sweep
 from tests.conftest import REPO, TRAIN_ENV, run_cli, scalar_values
 
 STEPS = 24
-JOB = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "30",
-       "model.patch_size=4", "deepspeed.micro_batch_size=32", "data.num_workers=1", "run.log_every=1",
-       "run.image_every=0", "run.save_every=1000", f"run.max_steps={STEPS}", "optim.epochs=2",
-       "deepspeed.config=ds_configs/zero2.json", "deepspeed.precision=fp32"]
+JOB = [
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "0",
+    "--tasks-per-node",
+    "1",
+    "--cpus-per-task",
+    "1",
+    "--time",
+    "30",
+    "model.patch_size=4",
+    "deepspeed.micro_batch_size=32",
+    "data.num_workers=1",
+    "run.log_every=1",
+    "run.image_every=0",
+    "run.save_every=1000",
+    f"run.max_steps={STEPS}",
+    "optim.epochs=2",
+    "deepspeed.config=ds_configs/zero2.json",
+    "deepspeed.precision=fp32",
+]
 
 
 @pytest.fixture(scope="session")
@@ -30,19 +49,38 @@ def slurm_cluster():
         return
     if os.geteuid() != 0:
         if os.environ.get("CI") == "true":
-            pytest.fail("CI=true needs the slurm tests: run them as root (they install and start a local Slurm)")
-        pytest.skip("no Slurm here: run the tests as root (they start a local one) or start one with "
-                    "`sudo python -m slurm.local_cluster start`")
-    result = subprocess.run(["python3", "-m", "slurm.local_cluster", "start"], cwd=REPO, capture_output=True,
-                            text=True, timeout=900)
+            pytest.fail(
+                "CI=true needs the slurm tests: run them as root (they install and start a local Slurm)"
+            )
+        pytest.skip(
+            "no Slurm here: run the tests as root (they start a local one) or start one with "
+            "`sudo python -m slurm.local_cluster start`"
+        )
+    result = subprocess.run(
+        ["python3", "-m", "slurm.local_cluster", "start"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     yield
-    subprocess.run(["python3", "-m", "slurm.local_cluster", "stop"], cwd=REPO, capture_output=True, timeout=300)
+    subprocess.run(
+        ["python3", "-m", "slurm.local_cluster", "stop"], cwd=REPO, capture_output=True, timeout=300
+    )
 
 
 def submit(run_dir, manifest, *extra):
-    result = run_cli("slurm.submit", "--config", REPO / "configs" / "demo.yaml", *JOB, f"run.dir={run_dir}",
-                     f"data.train={manifest}", *extra, env={**os.environ, **TRAIN_ENV})
+    result = run_cli(
+        "slurm.submit",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+        *JOB,
+        f"run.dir={run_dir}",
+        f"data.train={manifest}",
+        *extra,
+        env={**os.environ, **TRAIN_ENV},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.split("submitted job ")[1].split(":")[0]
 
@@ -100,8 +138,12 @@ def test_preempted_job_is_requeued_and_ends_as_the_uninterrupted_one(uninterrupt
     job_id = submit(run_dir, manifest)
     wait_for(lambda: "step 6/" in rank0_log(run_dir, job_id), 300, job_id, "step 6")
     submitit.SlurmJob(run_dir / "submitit" / "%j", job_id)._interrupt()  # SIGTERM + USR2, as a preemption
-    wait_for(lambda: job_finished(job_id) and latest_tag(run_dir / "ckpt") == tag_of(STEPS), 600, job_id,
-             "the requeued job's end")
+    wait_for(
+        lambda: job_finished(job_id) and latest_tag(run_dir / "ckpt") == tag_of(STEPS),
+        600,
+        job_id,
+        "the requeued job's end",
+    )
     log = rank0_log(run_dir, job_id)
     assert "saved checkpoint" in log and "resumed" in log and "Requeued job" in log, log[-3000:]
     stopped_at = int(log.split("stopped at step ")[1].split(" ")[0])
@@ -114,8 +156,9 @@ def test_preempted_job_is_requeued_and_ends_as_the_uninterrupted_one(uninterrupt
 
 
 @pytest.mark.slurm
-def test_a_linear_probe_runs_on_two_nodes_and_reports_its_frozen_encoder_unchanged(slurm_cluster, demo_shards,
-                                                                                  tmp_path):
+def test_a_linear_probe_runs_on_two_nodes_and_reports_its_frozen_encoder_unchanged(
+    slurm_cluster, demo_shards, tmp_path
+):
     """The papers' protocols run on Slurm through lg-submit like pretraining: MAE's linear probe (LARS,
     ZeRO stage 0) on 2 nodes, measured at the end by both ranks."""
     import json
@@ -124,33 +167,74 @@ def test_a_linear_probe_runs_on_two_nodes_and_reports_its_frozen_encoder_unchang
 
     encoder = exported_encoder(tmp_path / "encoder.pth")
     run_dir = tmp_path / "probe"
-    result = run_cli("slurm.submit", "--config", REPO / "configs" / "linprobe_mae_demo.yaml", *JOB[:8],
-                     f"run.dir={run_dir}", f"data.train={demo_shards / 'train.json'}", "model.patch_size=8",
-                     f"finetune.val={demo_shards / 'val.json'}", f"graft.init={encoder}", "run.max_steps=4",
-                     "deepspeed.micro_batch_size=16", "data.num_workers=1", env={**os.environ, **TRAIN_ENV})
+    result = run_cli(
+        "slurm.submit",
+        "--config",
+        REPO / "configs" / "linprobe_mae_demo.yaml",
+        *JOB[:8],
+        f"run.dir={run_dir}",
+        f"data.train={demo_shards / 'train.json'}",
+        "model.patch_size=8",
+        f"finetune.val={demo_shards / 'val.json'}",
+        f"graft.init={encoder}",
+        "run.max_steps=4",
+        "deepspeed.micro_batch_size=16",
+        "data.num_workers=1",
+        env={**os.environ, **TRAIN_ENV},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     job_id = result.stdout.split("submitted job ")[1].split(":")[0]
     wait_for(lambda: job_finished(job_id), 600, job_id, "the end")
     assert (run_dir / "eval_linprobe.json").is_file(), rank0_log(run_dir, job_id)[-3000:]
     reported = json.loads((run_dir / "eval_linprobe.json").read_text())
-    assert (reported["protocol"], reported["steps"], reported["val_samples"], reported["frozen_unchanged"]) == \
-        ("mae", 4, 359, True)
+    assert (
+        reported["protocol"],
+        reported["steps"],
+        reported["val_samples"],
+        reported["frozen_unchanged"],
+    ) == ("mae", 4, 359, True)
     assert run_state(run_dir / "ckpt")["world_size"] == 2
 
 
 @pytest.mark.slurm
 def test_unknown_partition_names_the_known_ones(slurm_cluster, manifest, tmp_path):
-    result = run_cli("slurm.submit", "--config", REPO / "configs" / "demo.yaml", *JOB, "--partition", "gpu-nope",
-                     f"run.dir={tmp_path}", f"data.train={manifest}")
+    result = run_cli(
+        "slurm.submit",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+        *JOB,
+        "--partition",
+        "gpu-nope",
+        f"run.dir={tmp_path}",
+        f"data.train={manifest}",
+    )
     assert result.returncode == 2 and "--partition gpu-nope" in result.stderr and "debug" in result.stderr
 
 
 def test_dry_run_for_8_nodes_of_8_gpus():
-    result = run_cli("slurm.submit", "--config", REPO / "configs" / "mae_vit_l.yaml", "--nodes", "8",
-                     "--gpus-per-node", "8", "--partition", "gpu", "--signal-delay", "180", "--dry-run")
+    result = run_cli(
+        "slurm.submit",
+        "--config",
+        REPO / "configs" / "mae_vit_l.yaml",
+        "--nodes",
+        "8",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--signal-delay",
+        "180",
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
-    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --signal=USR2@180", "#SBATCH --partition=gpu", "srun "):
+    for line in (
+        "#SBATCH --nodes=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --signal=USR2@180",
+        "#SBATCH --partition=gpu",
+        "srun ",
+    ):
         assert line in result.stdout, line
     assert "pretrain.train.run(load_config(" in result.stdout
 
@@ -158,24 +242,46 @@ def test_dry_run_for_8_nodes_of_8_gpus():
 def test_config_errors_and_missing_slurm_stop_before_submitting(tmp_path):
     bad = run_cli("slurm.submit", "--config", REPO / "configs" / "demo.yaml", "optim.base_lr=-1", "--dry-run")
     assert bad.returncode == 2 and "optim.base_lr" in bad.stderr
-    no_slurm = run_cli("slurm.submit", "--config", REPO / "configs" / "demo.yaml", f"run.dir={tmp_path}",
-                       env={**os.environ, "PATH": os.path.dirname(shutil.which("python3"))})
+    no_slurm = run_cli(
+        "slurm.submit",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+        f"run.dir={tmp_path}",
+        env={**os.environ, "PATH": os.path.dirname(shutil.which("python3"))},
+    )
     assert no_slurm.returncode == 2 and "no Slurm here" in no_slurm.stderr and "--local" in no_slurm.stderr
 
 
 def test_a_list_value_sweeps_unless_the_key_holds_a_list():
-    runs = expand_sweep(["hybrid.weight=[0.25,0.5]", "optim.betas=[0.9,0.95]", "model.arch=[vit_tiny,vit_small]"])
-    assert [name for name, _ in runs] == ["hybrid.weight=0.25,model.arch=vit_tiny", "hybrid.weight=0.25,model.arch=vit_small",
-                                          "hybrid.weight=0.5,model.arch=vit_tiny", "hybrid.weight=0.5,model.arch=vit_small"]
+    runs = expand_sweep(
+        ["hybrid.weight=[0.25,0.5]", "optim.betas=[0.9,0.95]", "model.arch=[vit_tiny,vit_small]"]
+    )
+    assert [name for name, _ in runs] == [
+        "hybrid.weight=0.25,model.arch=vit_tiny",
+        "hybrid.weight=0.25,model.arch=vit_small",
+        "hybrid.weight=0.5,model.arch=vit_tiny",
+        "hybrid.weight=0.5,model.arch=vit_small",
+    ]
     assert all("optim.betas=[0.9,0.95]" in overrides for _, overrides in runs)
     assert expand_sweep(["optim.base_lr=1e-3"]) == [("", ["optim.base_lr=1e-3"])]
 
 
 @pytest.mark.dist
 def test_local_executor_runs_the_same_job_without_slurm(manifest, tmp_path):
-    result = run_cli("slurm.submit", "--local", "--config", REPO / "configs" / "demo.yaml", "--tasks-per-node", "2",
-                     f"run.dir={tmp_path}", f"data.train={manifest}", "model.patch_size=8",
-                     "deepspeed.micro_batch_size=16", "run.max_steps=2", env=TRAIN_ENV)
+    result = run_cli(
+        "slurm.submit",
+        "--local",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+        "--tasks-per-node",
+        "2",
+        f"run.dir={tmp_path}",
+        f"data.train={manifest}",
+        "model.patch_size=8",
+        "deepspeed.micro_batch_size=16",
+        "run.max_steps=2",
+        env=TRAIN_ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished: exit codes [0, 0]" in result.stdout
     assert run_state(tmp_path / "ckpt")["world_size"] == 2 and latest_tag(tmp_path / "ckpt") == tag_of(2)
@@ -190,6 +296,8 @@ def test_requeues_are_bounded(monkeypatch):
     trainer = Trainer("configs/demo.yaml", ["run.max_steps=2"], max_requeues=3)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     again = trainer.checkpoint()
-    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function.overrides == ["run.max_steps=2"]
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function.overrides == [
+        "run.max_steps=2"
+    ]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     assert trainer.checkpoint() is None  # submitit then ends the job instead of requeuing it

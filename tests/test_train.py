@@ -1,4 +1,5 @@
 """The trainer's pieces in one process: config, parameter groups, schedule, MAE, MoCo v3, views."""
+
 import math
 
 import pytest
@@ -12,8 +13,16 @@ from pretrain.models import patchify, unpatchify
 from pretrain.training.schedules import cosine_lr_factor
 from tests.conftest import REPO, run_cli, write_file
 
-TINY = ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32", "moco.mlp_dim=64", "moco.out_dim=16",
-        "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]
+TINY = [
+    "model.arch=vit_tiny",
+    "model.patch_size=8",
+    "data.img_size=32",
+    "moco.mlp_dim=64",
+    "moco.out_dim=16",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+]
 
 
 def tiny(method, *extra):
@@ -21,22 +30,30 @@ def tiny(method, *extra):
     return grafted_objective(load_config(None, [f"method={method}", *TINY, *extra]))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.arhc=vit_tiny", "unknown config key model.arhc"),
-    ("optim.epochs=many", "config key optim.epochs must be float"),
-    ("mae.mask_ratio=1.0", "config key mae.mask_ratio = 1.0 must be between 0 and 1"),
-    ("data.img_size=30", "must be a multiple of the patch size 16"),
-    ("method=swav", "config key method = 'swav' must be one of"),
-    ("optim.warmup_epochs=900", "must be between 0 and optim.epochs"),
-    ("method=simmim simmim.mask_patch_size=24", "simmim.mask_patch_size = 24 must be a multiple of the patch size 16"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.arhc=vit_tiny", "unknown config key model.arhc"),
+        ("optim.epochs=many", "config key optim.epochs must be float"),
+        ("mae.mask_ratio=1.0", "config key mae.mask_ratio = 1.0 must be between 0 and 1"),
+        ("data.img_size=30", "must be a multiple of the patch size 16"),
+        ("method=swav", "config key method = 'swav' must be one of"),
+        ("optim.warmup_epochs=900", "must be between 0 and optim.epochs"),
+        (
+            "method=simmim simmim.mask_patch_size=24",
+            "simmim.mask_patch_size = 24 must be a multiple of the patch size 16",
+        ),
+    ],
+)
 def test_bad_config_is_a_named_error(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, override.split())
 
 
 def test_config_file_errors_name_the_file(tmp_path):
-    path = write_file(tmp_path / "run.yaml", b"optim:\n  base_lr: 1e-4\n  betas: [0.9, 0.95]\n  weight_dcay: 0.1\n")
+    path = write_file(
+        tmp_path / "run.yaml", b"optim:\n  base_lr: 1e-4\n  betas: [0.9, 0.95]\n  weight_dcay: 0.1\n"
+    )
     with pytest.raises(UserError, match=f"{path}: unknown config key optim.weight_dcay"):
         load_config(path)
     assert load_config(REPO / "configs" / "demo.yaml", ["optim.base_lr=1e-4"]).optim.base_lr == 1e-4
@@ -54,10 +71,20 @@ def test_cli_rejects_bad_config_before_work():
 
 
 def test_layer_ids():
-    assert [layer_id(n, 12) for n in ("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed.proj.weight",
-                                      "encoder.blocks.0.attn.qkv.weight", "encoder.blocks.11.mlp.fc2.bias",
-                                      "encoder.norm.weight", "decoder.blocks.0.attn.qkv.weight", "decoder.mask_token",
-                                      "projector.0.weight")] == [0, 0, 0, 1, 12, 13, 13, 13, 13]
+    assert [
+        layer_id(n, 12)
+        for n in (
+            "encoder.cls_token",
+            "encoder.pos_embed",
+            "encoder.patch_embed.proj.weight",
+            "encoder.blocks.0.attn.qkv.weight",
+            "encoder.blocks.11.mlp.fc2.bias",
+            "encoder.norm.weight",
+            "decoder.blocks.0.attn.qkv.weight",
+            "decoder.mask_token",
+            "projector.0.weight",
+        )
+    ] == [0, 0, 0, 1, 12, 13, 13, 13, 13]
 
 
 def test_param_groups_decay_rules_and_frozen_parameters():
@@ -65,7 +92,11 @@ def test_param_groups_decay_rules_and_frozen_parameters():
     groups = param_groups(objective, 12, 0.1)
     assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.0), (1.0, 0.1)]
     no_decay = set(groups[0]["names"])
-    assert {"encoder.cls_token", "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay
+    assert {
+        "encoder.cls_token",
+        "encoder.blocks.0.norm1.weight",
+        "encoder.blocks.0.attn.qkv.bias",
+    } <= no_decay
     assert "encoder.blocks.0.attn.qkv.weight" in groups[1]["names"]
     every = {n for g in groups for n in g["names"]}
     assert "encoder.patch_embed.proj.weight" not in every and "encoder.pos_embed" not in every  # frozen
@@ -77,7 +108,7 @@ def test_layer_decay_groups_and_printout():
     config = load_config(None, ["method=mae", *TINY, "optim.layer_decay=0.5"])
     groups = objective_param_groups(grafted_objective(config), config)
     scales = {g["layer_ids"][0]: g["lr_scale"] for g in groups}
-    assert scales[13] == 1.0 and scales[12] == 0.5 and scales[0] == 0.5 ** 13
+    assert scales[13] == 1.0 and scales[12] == 0.5 and scales[0] == 0.5**13
     table = format_param_groups(groups).splitlines()
     assert table[0].split() == ["group", "layer", "ids", "lr_scale", "weight_decay", "params", "tensors"]
     assert len(table) == len(groups) + 1
@@ -87,8 +118,13 @@ def test_print_param_groups_command():
     result = run_cli("pretrain.train", "--config", REPO / "configs" / "demo.yaml", "--print-param-groups")
     assert result.returncode == 0, result.stderr
     rows = result.stdout.strip().splitlines()
-    rows = rows[next(i for i, row in enumerate(rows) if row.split()[:1] == ["group"]):]
-    assert rows[1].split()[:4] == ["0", "0-13", "1", "0"] and rows[2].split()[:4] == ["1", "0-13", "1", "0.05"]
+    rows = rows[next(i for i, row in enumerate(rows) if row.split()[:1] == ["group"]) :]
+    assert rows[1].split()[:4] == ["0", "0-13", "1", "0"] and rows[2].split()[:4] == [
+        "1",
+        "0-13",
+        "1",
+        "0.05",
+    ]
 
 
 def test_cosine_schedule():
@@ -100,7 +136,9 @@ def test_cosine_schedule():
 def test_patchify_round_trip():
     images = torch.randn(2, 3, 32, 32)
     patches = patchify(images, 8)
-    assert patches.shape == (2, 16, 192) and torch.equal(patches[0, 1], images[0, :, :8, 8:16].permute(1, 2, 0).flatten())
+    assert patches.shape == (2, 16, 192) and torch.equal(
+        patches[0, 1], images[0, :, :8, 8:16].permute(1, 2, 0).flatten()
+    )
     assert torch.equal(unpatchify(patches, 8), images)
 
 
@@ -134,8 +172,9 @@ def test_mocov3_loss_and_momentum_update():
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
     out = moco(views)
     assert out["loss"].requires_grad and 0 < out["loss"].item() < 2 * 2 * 0.2 * math.log(8) + 1
-    assert not any(name.startswith("target") for name in dict(moco.named_modules())), \
+    assert not any(name.startswith("target") for name in dict(moco.named_modules())), (
         "the momentum branch stays outside the engine"
+    )
     targets = lambda: [p for name in ("encoder", "projector") for p in moco.target.branch[name].parameters()]
     online = [*moco.encoder.parameters(), *moco.projector.parameters()]
     before = [p.clone() for p in targets()]
@@ -165,8 +204,11 @@ def test_block_checkpointing_keeps_names_and_gradients():
     for model in (plain, checkpointed):
         torch.manual_seed(3)
         model(images)["loss"].backward()
-    assert torch.allclose(plain.encoder.blocks[0].attn.qkv.weight.grad,
-                          checkpointed.encoder.blocks[0].attn.qkv.weight.grad, atol=1e-6)
+    assert torch.allclose(
+        plain.encoder.blocks[0].attn.qkv.weight.grad,
+        checkpointed.encoder.blocks[0].attn.qkv.weight.grad,
+        atol=1e-6,
+    )
 
 
 def test_resuming_accepts_keys_added_to_the_config_later():

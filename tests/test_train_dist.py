@@ -1,4 +1,5 @@
 """lg-pretrain for real: the DeepSpeed engine in two gloo processes on the embedded digits."""
+
 import functools
 import math
 import os
@@ -33,7 +34,11 @@ def manifest(demo_shards):
 
 def knn_monitor(every, manifest):
     """Overrides that turn the online kNN monitor on, on the whole demo train and val splits."""
-    return [f"run.knn_every={every}", f"data.knn_train={manifest}", f"data.knn_val={manifest.with_name('val.json')}"]
+    return [
+        f"run.knn_every={every}",
+        f"data.knn_train={manifest}",
+        f"data.knn_val={manifest.with_name('val.json')}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +46,22 @@ def stage_run(manifest, tmp_path_factory, zero3_config):
     """Run (once per module) 2 steps of a method under a ZeRO stage, a checkpoint after each step.
     Stage 3 partitions every parameter (see tests/conftest.py); its MoCo v3 run has the kNN monitor on."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def run(stage, method):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}_{method}")
         ds_config = zero3_config if stage == 3 else f"ds_configs/zero{stage}.json"
         monitor = knn_monitor(2, manifest) if (stage, method) == (3, "mocov3") else []
-        result = pretrain(run_dir, manifest, f"method={method}", f"deepspeed.config={ds_config}",
-                          "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[stage], *monitor)
+        result = pretrain(
+            run_dir,
+            manifest,
+            f"method={method}",
+            f"deepspeed.config={ds_config}",
+            "run.max_steps=2",
+            "run.save_every=1",
+            "run.keep_last=2",
+            *STAGE_EXTRAS[stage],
+            *monitor,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         return run_dir
 
@@ -58,8 +72,14 @@ def client_state(run_dir, step):
     """Rank 0's model-states file of a tag: DeepSpeed keeps the client state there (named differently
     under ZeRO-3, where it holds no module weights)."""
     tag_dir = run_dir / "ckpt" / tag_of(step)
-    path = next(p for p in (tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                if p.is_file())
+    path = next(
+        p
+        for p in (
+            tag_dir / "mp_rank_00_model_states.pt",
+            tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        )
+        if p.is_file()
+    )
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -75,12 +95,17 @@ def test_every_zero_stage_trains(stage_run, stage, method):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_momentum_branch_follows_the_online_weights(stage_run, stage):
-    """target(2) = m * target(1) + (1 - m) * online(2), with ZeRO-2 and with ZeRO-3-partitioned online weights."""
+    """target(2) = m * target(1) + (1 - m) * online(2), with ZeRO-2 and with ZeRO-3-partitioned online
+    weights."""
     run_dir = stage_run(stage, "mocov3")
     before, after = client_state(run_dir, 1)["objective"], client_state(run_dir, 2)["objective"]
     # The EMA reads the engine's module weights: bf16 in the ZeRO-2 run (the module states file has them
     # whole), fp32 in the ZeRO-3 run (consolidated from the partitions).
-    module = client_state(run_dir, 2)["module"] if stage == 2 else consolidated_state_dict(run_dir / "ckpt", tag_of(2))
+    module = (
+        client_state(run_dir, 2)["module"]
+        if stage == 2
+        else consolidated_state_dict(run_dir / "ckpt", tag_of(2))
+    )
     online = {name: tensor.float() for name, tensor in module.items()}
     m = after["momentum"]
     assert 0.99 < m < 1
@@ -106,10 +131,13 @@ def test_knn_monitor_under_zero3_measures_the_whole_encoder(stage_run, manifest)
     assert sorted(logged) == [0, 2]
     encoder = create_encoder("vit_tiny", 32, 8).eval()
     weights = consolidated_state_dict(run_dir / "ckpt", tag_of(2))
-    encoder.load_state_dict({name[len("encoder."):]: value for name, value in weights.items()
-                             if name.startswith("encoder.")}, strict=True)
-    (train, train_y), (val, val_y) = (extract_features(encoder, manifest.with_name(f"{split}.json"), 32)
-                                      for split in ("train", "val"))
+    encoder.load_state_dict(
+        {name[len("encoder.") :]: value for name, value in weights.items() if name.startswith("encoder.")},
+        strict=True,
+    )
+    (train, train_y), (val, val_y) = (
+        extract_features(encoder, manifest.with_name(f"{split}.json"), 32) for split in ("train", "val")
+    )
     expected = 100 * knn_accuracy(train["token", -1], train_y, val["token", -1], val_y)
     assert logged[2] == pytest.approx(expected, abs=1e-3)
 
@@ -128,8 +156,14 @@ def test_export_loads_strictly_into_timm(stage_run, stage, tmp_path):
 
 
 def test_block_checkpointing_under_zero3_gives_the_same_losses(stage_run, manifest, tmp_path, zero3_config):
-    plain = pretrain(tmp_path / "plain", manifest, "method=mae", f"deepspeed.config={zero3_config}",
-                     "run.max_steps=2", "deepspeed.precision=fp32")
+    plain = pretrain(
+        tmp_path / "plain",
+        manifest,
+        "method=mae",
+        f"deepspeed.config={zero3_config}",
+        "run.max_steps=2",
+        "deepspeed.precision=fp32",
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert scalar_values(tmp_path / "plain", "loss") == scalar_values(stage_run(3, "mae"), "loss")
 
@@ -162,10 +196,19 @@ def signal_all(pids, signum):
 
 def run_until_checkpoint(command, run_dir, step):
     """Start a training; right after checkpoint `step` is complete, SIGKILL it and all its processes."""
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
-    while latest_tag(run_dir / "ckpt") != tag_of(step) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        latest_tag(run_dir / "ckpt") != tag_of(step)
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     signal_all(process_tree(process.pid), signal.SIGSTOP)  # freeze the tree so that no process escapes
     signal_all(process_tree(process.pid), signal.SIGKILL)
@@ -175,8 +218,14 @@ def run_until_checkpoint(command, run_dir, step):
 
 def test_resume_after_sigkill_is_exact(manifest, tmp_path):
     """fp32, ZeRO-2, 2 processes: 20 steps straight == 10 steps, SIGKILL, resume to 20."""
-    common = ["method=mae", "deepspeed.config=ds_configs/zero2.json", "deepspeed.precision=fp32", "run.max_steps=20",
-              "run.save_every=10", "optim.base_lr=2e-3"]
+    common = [
+        "method=mae",
+        "deepspeed.config=ds_configs/zero2.json",
+        "deepspeed.precision=fp32",
+        "run.max_steps=20",
+        "run.save_every=10",
+        "optim.base_lr=2e-3",
+    ]
     straight = pretrain(tmp_path / "straight", manifest, *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
     interrupted = tmp_path / "interrupted"
@@ -195,8 +244,12 @@ def test_resume_after_sigkill_is_exact(manifest, tmp_path):
 def test_mocov3_resume_restores_the_momentum_branch_exactly_with_the_knn_monitor_on(manifest, tmp_path):
     """6 steps straight without the monitor == 3 steps with it, stop, resume to 6 with it: the monitor
     changes no weight and resuming is exact with it on. The monitor logs from step 0 on."""
-    common = ["method=mocov3", "deepspeed.config=ds_configs/zero2.json", "deepspeed.precision=fp32",
-              "run.save_every=3"]
+    common = [
+        "method=mocov3",
+        "deepspeed.config=ds_configs/zero2.json",
+        "deepspeed.precision=fp32",
+        "run.save_every=3",
+    ]
     straight = pretrain(tmp_path / "straight", manifest, *common, "run.max_steps=6")
     monitored = [*common, *knn_monitor(2, manifest), "data.knn_per_class=20"]
     first = pretrain(tmp_path / "split", manifest, *monitored, "run.max_steps=3")
@@ -215,13 +268,29 @@ def test_mocov3_resume_restores_the_momentum_branch_exactly_with_the_knn_monitor
 
 def test_sigterm_checkpoints_and_stops_then_the_same_command_resumes(manifest, tmp_path):
     run_dir = tmp_path / "run"
-    command = pretrain_command(run_dir, manifest, "method=mae", "deepspeed.config=ds_configs/zero1.json",
-                               "deepspeed.precision=fp32", "run.max_steps=400", "run.save_every=2")
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    command = pretrain_command(
+        run_dir,
+        manifest,
+        "method=mae",
+        "deepspeed.config=ds_configs/zero1.json",
+        "deepspeed.precision=fp32",
+        "run.max_steps=400",
+        "run.save_every=2",
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
-    while int((latest_tag(run_dir / "ckpt") or "step0")[4:]) < 8 and process.poll() is None \
-            and time.monotonic() < deadline:  # four checkpoints, so that keep_last has pruned one
+    while (
+        int((latest_tag(run_dir / "ckpt") or "step0")[4:]) < 8
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):  # four checkpoints, so that keep_last has pruned one
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -230,8 +299,15 @@ def test_sigterm_checkpoints_and_stops_then_the_same_command_resumes(manifest, t
     assert 8 <= stopped_at < 400 and latest_tag(run_dir / "ckpt") == tag_of(stopped_at)
     tags = sorted(p.name for p in (run_dir / "ckpt").iterdir() if p.is_dir())
     assert len(tags) == 3 and tags[-1] == tag_of(stopped_at), "keep_last (3) bounds the checkpoints kept"
-    resumed = pretrain(run_dir, manifest, "method=mae", "deepspeed.config=ds_configs/zero1.json",
-                       "deepspeed.precision=fp32", f"run.max_steps={stopped_at + 2}", "run.save_every=2")
+    resumed = pretrain(
+        run_dir,
+        manifest,
+        "method=mae",
+        "deepspeed.config=ds_configs/zero1.json",
+        "deepspeed.precision=fp32",
+        f"run.max_steps={stopped_at + 2}",
+        "run.save_every=2",
+    )
     assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stderr, resumed.stderr[-3000:]
 
 
@@ -246,19 +322,41 @@ def test_changed_world_size_or_config_is_refused(stage_run, manifest):
 
 def test_deepspeed_launcher_runs_the_same_training(stage_run, manifest, tmp_path):
     """`deepspeed --num_gpus 2 --module pretrain.train` gives the losses torchrun gave."""
-    command = pretrain_command(tmp_path, manifest, "method=mae", "deepspeed.config=ds_configs/zero0.json",
-                               "run.max_steps=2", "run.save_every=1", "run.keep_last=2", *STAGE_EXTRAS[0])
-    launcher = [command[0], "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module",
-                *command[command.index("pretrain.train"):]]
-    result = subprocess.run(launcher, capture_output=True, text=True, timeout=600, cwd=REPO,
-                            env={**os.environ, **TRAIN_ENV})
+    command = pretrain_command(
+        tmp_path,
+        manifest,
+        "method=mae",
+        "deepspeed.config=ds_configs/zero0.json",
+        "run.max_steps=2",
+        "run.save_every=1",
+        "run.keep_last=2",
+        *STAGE_EXTRAS[0],
+    )
+    launcher = [
+        command[0],
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--module",
+        *command[command.index("pretrain.train") :],
+    ]
+    result = subprocess.run(
+        launcher, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, **TRAIN_ENV}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert scalar_values(tmp_path, "loss") == scalar_values(stage_run(0, "mae"), "loss")
 
 
 def test_zero3_with_cpu_offload_trains(manifest, tmp_path):
-    result = pretrain(tmp_path, manifest, "method=mae", "deepspeed.config=ds_configs/zero3_offload.json",
-                      "deepspeed.precision=bf16", "run.max_steps=2")
+    result = pretrain(
+        tmp_path,
+        manifest,
+        "method=mae",
+        "deepspeed.config=ds_configs/zero3_offload.json",
+        "deepspeed.precision=bf16",
+        "run.max_steps=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(math.isfinite(v) for v in scalar_values(tmp_path, "loss"))
 
@@ -267,8 +365,14 @@ def deepspeed_has_fp16():
     """What DeepSpeed's accelerator says in the training processes' environment: its CPU accelerator has fp16
     where oneDNN has fp16 kernels (CPUs with AVX512-FP16 or AMX-FP16), so CI machines differ."""
     probe = "from deepspeed.accelerator import get_accelerator; print(get_accelerator().is_fp16_supported())"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **TRAIN_ENV}, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **TRAIN_ENV},
+        check=True,
+    )
     return result.stdout.split()[-1] == "True"
 
 
@@ -288,8 +392,17 @@ def hybrid_runs(manifest, tmp_path_factory, zero3_config):
     runs = {}
     for stage, ds_config in ((2, "ds_configs/zero2.json"), (3, zero3_config)):
         run_dir = tmp_path_factory.mktemp(f"hybrid_zero{stage}")
-        result = pretrain(run_dir, manifest, "method=hybrid", f"deepspeed.config={ds_config}", "deepspeed.precision=fp32",
-                          "run.max_steps=2", "run.diagnostics_every=1", "run.image_every=2", "hybrid.weight=0.5")
+        result = pretrain(
+            run_dir,
+            manifest,
+            "method=hybrid",
+            f"deepspeed.config={ds_config}",
+            "deepspeed.precision=fp32",
+            "run.max_steps=2",
+            "run.diagnostics_every=1",
+            "run.image_every=2",
+            "hybrid.weight=0.5",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[stage] = run_dir
     return runs
@@ -311,4 +424,6 @@ def test_gradient_cosines_are_the_same_under_zero2_and_zero3(hybrid_runs):
         tag = f"grad_cosine/block_{block:02d}"
         zero2, zero3 = scalar_values(hybrid_runs[2], tag), scalar_values(hybrid_runs[3], tag)
         assert zero2 == pytest.approx(zero3, abs=1e-4), tag
-    assert scalar_values(hybrid_runs[2], "loss") == pytest.approx(scalar_values(hybrid_runs[3], "loss"), rel=1e-5)
+    assert scalar_values(hybrid_runs[2], "loss") == pytest.approx(
+        scalar_values(hybrid_runs[3], "loss"), rel=1e-5
+    )

@@ -1,4 +1,5 @@
 """lg-verify finds what changed after sharding."""
+
 import hashlib
 import json
 import shutil

@@ -8,6 +8,7 @@ files); when `latest` is damaged it says so and falls back to the newest intact 
 intact it stops with exit code 2. lg-export and every consolidation verify too. Tags written before
 checksums were recorded are used unverified, with a warning.
 """
+
 import json
 import logging
 import os
@@ -41,18 +42,24 @@ def latest_tag(ckpt_dir):
 def tags(ckpt_dir):
     """The step tags in `ckpt_dir`, oldest first."""
     ckpt_dir = Path(ckpt_dir)
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name)) if ckpt_dir.is_dir() else []
+    return (
+        sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
+        if ckpt_dir.is_dir()
+        else []
+    )
 
 
 def tag_files(tag_dir):
     """Every file of a tag except its checksums, as sorted paths relative to the tag."""
     tag_dir = Path(tag_dir)
-    return sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    return sorted(
+        p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS
+    )
 
 
 def _share(items, collective):
     """This rank's part of `items` when the work is shared by every rank, else all of them."""
-    return items[rank()::world_size()] if collective and is_distributed() else items
+    return items[rank() :: world_size()] if collective and is_distributed() else items
 
 
 def _merge(part, collective):
@@ -67,8 +74,10 @@ def _merge(part, collective):
 def checksums(tag_dir, collective=False):
     """{file: {"bytes", "sha256"}} of every file of a tag; with `collective`, each rank hashes its share."""
     tag_dir = Path(tag_dir)
-    mine = {name: {"bytes": (tag_dir / name).stat().st_size, "sha256": sha256_of_file(tag_dir / name)}
-            for name in _share(tag_files(tag_dir), collective)}
+    mine = {
+        name: {"bytes": (tag_dir / name).stat().st_size, "sha256": sha256_of_file(tag_dir / name)}
+        for name in _share(tag_files(tag_dir), collective)
+    }
     return dict(sorted(_merge(mine, collective).items()))
 
 
@@ -82,15 +91,21 @@ def problem_with(tag_dir, collective=False):
         recorded = json.loads((tag_dir / CHECKSUMS).read_text())
     except FileNotFoundError:
         if rank() == 0:
-            log.warning("checkpoint %s has no %s (written before checksums were recorded, or its save was cut "
-                        "short): it is used unverified", tag_dir, CHECKSUMS)
+            log.warning(
+                "checkpoint %s has no %s (written before checksums were recorded, or its save was cut "
+                "short): it is used unverified",
+                tag_dir,
+                CHECKSUMS,
+            )
         return None
     except ValueError:
         return f"its {CHECKSUMS} is not valid JSON"
     present = set(tag_files(tag_dir))
     missing = sorted(set(recorded) - present)
     if missing:
-        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more files)" if len(missing) > 1 else "")
+        return f"{missing[0]} is missing" + (
+            f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
+        )
     problems = {}
     for name in _share(sorted(recorded), collective):
         size = (tag_dir / name).stat().st_size
@@ -109,9 +124,11 @@ def tag_bytes(tag_dir):
 def _space_problem(ckpt_dir, needed):
     free = shutil.disk_usage(ckpt_dir).free
     if free < needed:
-        return (f"the disk holding {ckpt_dir} is full: {free / 2**20:.0f} MiB free, a checkpoint needs "
-                f"{needed / 2**20:.0f} MiB; free some space (or lower run.keep_last) and run the same command "
-                "again to resume from the last checkpoint")
+        return (
+            f"the disk holding {ckpt_dir} is full: {free / 2**20:.0f} MiB free, a checkpoint needs "
+            f"{needed / 2**20:.0f} MiB; free some space (or lower run.keep_last) and run the same command "
+            "again to resume from the last checkpoint"
+        )
     return None
 
 
@@ -148,7 +165,9 @@ def save(engine, ckpt_dir, step, client_state, run_state, keep_last):
         if space is None:
             raise
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        raise UserError(f"writing checkpoint {ckpt_dir / tag} failed ({type(error).__name__}), {space}") from None
+        raise UserError(
+            f"writing checkpoint {ckpt_dir / tag} failed ({type(error).__name__}), {space}"
+        ) from None
     if rank() == 0:
         write_atomic(ckpt_dir / tag / RUN_STATE, json.dumps(run_state, indent=1))
     dist.barrier()
@@ -176,7 +195,9 @@ def resume_tag(ckpt_dir, wanted=""):
     if wanted and not (marker.is_file() and marker.read_text().strip() == wanted):
         problem = problem_with(ckpt_dir / wanted, collective=True)
         if problem:
-            raise UserError(f"run.resume_tag={wanted}: checkpoint {ckpt_dir / wanted} cannot be used: {problem}")
+            raise UserError(
+                f"run.resume_tag={wanted}: checkpoint {ckpt_dir / wanted} cannot be used: {problem}"
+            )
         if rank() == 0:
             later = [tag for tag in tags(ckpt_dir) if tag > wanted]
             kept = [aside_name(ckpt_dir, tag, "abandoned") for tag in later]
@@ -184,8 +205,11 @@ def resume_tag(ckpt_dir, wanted=""):
                 os.replace(ckpt_dir / tag, aside)
             write_atomic(ckpt_dir / LATEST, wanted)
             write_atomic(marker, wanted)
-            log.warning("resuming from %s as run.resume_tag asks%s", ckpt_dir / wanted,
-                        f"; the later tags are kept as {', '.join(p.name for p in kept)}" if kept else "")
+            log.warning(
+                "resuming from %s as run.resume_tag asks%s",
+                ckpt_dir / wanted,
+                f"; the later tags are kept as {', '.join(p.name for p in kept)}" if kept else "",
+            )
         if is_distributed():
             dist.barrier()
         return wanted, True
@@ -213,12 +237,17 @@ def resume_tag(ckpt_dir, wanted=""):
             if (ckpt_dir / latest).is_dir():
                 os.replace(ckpt_dir / latest, aside)
             write_atomic(ckpt_dir / LATEST, tag)
-            log.warning("falling back to checkpoint %s, the newest intact one (the damaged one is kept as %s)",
-                        ckpt_dir / tag, aside)
+            log.warning(
+                "falling back to checkpoint %s, the newest intact one (the damaged one is kept as %s)",
+                ckpt_dir / tag,
+                aside,
+            )
         if is_distributed():
             dist.barrier()
         return tag, False
-    raise UserError(f"no intact checkpoint in {ckpt_dir} ({'; '.join(damaged)}); use a new run.dir to start over")
+    raise UserError(
+        f"no intact checkpoint in {ckpt_dir} ({'; '.join(damaged)}); use a new run.dir to start over"
+    )
 
 
 def aside_name(ckpt_dir, tag, suffix):
@@ -259,8 +288,9 @@ def run_state(ckpt_dir, tag=None):
 
 def load(engine, ckpt_dir, tag):
     """Load `tag` into the engine (module, optimizer, scheduler); return its client state."""
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+    _, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     return client_state

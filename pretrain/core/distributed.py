@@ -1,4 +1,5 @@
 """Process-group setup and the few collective helpers the methods need."""
+
 import contextlib
 import os
 import socket
@@ -44,7 +45,9 @@ def default_env_for_single_process():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 @torch.no_grad()
@@ -84,7 +87,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[rank() * ctx.size:(rank() + 1) * ctx.size]
+        return grad[rank() * ctx.size : (rank() + 1) * ctx.size]
 
 
 def all_gather_with_grad(tensor):

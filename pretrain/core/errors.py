@@ -4,6 +4,7 @@ Exit codes: 0 done, 1 an unexpected error (traceback printed), 2 bad config or i
 line), 3 the training diverged (`TrainingDiverged`), 130 interrupted, 128 + N stopped by signal N after
 saving a checkpoint. lg-submit and users' scripts decide a requeue on them.
 """
+
 import faulthandler
 import functools
 import logging
@@ -27,7 +28,8 @@ class UserError(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradients stopped being finite or exploded; the checkpoint from before stays `latest`."""
+    """The loss or the gradients stopped being finite or exploded; the checkpoint from before stays
+    `latest`."""
 
     exit_code = 3
 
@@ -55,8 +57,10 @@ def check_manifest(path, what, split):
     if path.is_dir():
         if (path / f"{split}.json").is_file():
             return path / f"{split}.json"
-        raise UserError(f"{what} {path} is a folder without {split}.json; give the manifest lg-shard wrote "
-                        f"(OUT/{split}.json)")
+        raise UserError(
+            f"{what} {path} is a folder without {split}.json; give the manifest lg-shard wrote "
+            f"(OUT/{split}.json)"
+        )
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist (a manifest lg-shard wrote: OUT/{split}.json)")
     return path
@@ -66,7 +70,8 @@ def exit_within(seconds, code):
     """Make sure this process exits, with `code`, at most `seconds` from now.
 
     A clean exit joins every child process, and one that does not stop hangs it for ever: a DataLoader
-    worker ignores SIGTERM (pretrain.data.loader leaves stop signals to the trainer), so when it is stuck, or when
+    worker ignores SIGTERM (pretrain.data.loader leaves stop signals to the trainer), so when it is stuck,
+    or when
     its parent left it behind on an exception, multiprocessing's exit handler waits on it without end. On
     a cluster that holds the whole allocation until its time limit. The timer kills the children and
     ends the process; the workers also notice their parent's death within torch's 5-s watchdog interval.

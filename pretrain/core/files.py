@@ -1,4 +1,5 @@
 """Files written so that a reader never sees half of one, and their digests."""
+
 import hashlib
 import json
 import os

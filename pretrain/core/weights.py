@@ -8,6 +8,7 @@ read as well. Keys that are not the encoder's (a decoder, mask token, heads) are
 encoder key or a shape that does not match is an error naming it. Every error starts with `what`, the
 name the caller knows the source by (a config key, a command-line argument).
 """
+
 import contextlib
 import io
 import logging
@@ -44,14 +45,17 @@ def consolidated_state_dict(ckpt_dir, tag):
         # deepspeed is imported here, not at the top: lg-eval and lg-export on stage-0 runs never need it
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # progress chatter
             state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     return state
 
 
 def encoder_state(state):
     """The `encoder.` part of an objective's state_dict, without the prefix."""
-    return {k[len(ENCODER):]: v for k, v in state.items() if k.startswith(ENCODER)}
+    return {k[len(ENCODER) :]: v for k, v in state.items() if k.startswith(ENCODER)}
 
 
 def read_state_dict(source, what="weights"):
@@ -88,17 +92,26 @@ def load_encoder_weights(encoder, source, fresh=(), state=None, what="weights"):
     keys starting with a prefix in `fresh`, which keep their initialization; return how many keys of
     `source` were ignored."""
     state = read_state_dict(source, what) if state is None else state
-    expected = {name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith(tuple(fresh))}
+    expected = {
+        name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith(tuple(fresh))
+    }
     for name, tensor in expected.items():
         if name not in state:
             raise UserError(f"{what}: {source} has no {name!r} (is it a ViT of this architecture?)")
         if state[name].shape != tensor.shape:
-            raise UserError(f"{what}: {source}: {name} has shape {tuple(state[name].shape)}, this encoder "
-                            f"needs {tuple(tensor.shape)} (check model.arch, model.patch_size and data.img_size)")
+            raise UserError(
+                f"{what}: {source}: {name} has shape {tuple(state[name].shape)}, this encoder "
+                f"needs {tuple(tensor.shape)} (check model.arch, model.patch_size and data.img_size)"
+            )
     missing = encoder.load_state_dict({name: state[name] for name in expected}, strict=False).missing_keys
     assert all(name.startswith(tuple(fresh)) for name in missing), missing
     ignored = sorted(set(state) - set(expected))
     if rank() == 0:
-        log.info("encoder initialized from %s (%d tensors; %d others ignored%s)", source, len(expected),
-                 len(ignored), f", e.g. {', '.join(ignored[:3])}" if ignored else "")
+        log.info(
+            "encoder initialized from %s (%d tensors; %d others ignored%s)",
+            source,
+            len(expected),
+            len(ignored),
+            f", e.g. {', '.join(ignored[:3])}" if ignored else "",
+        )
     return len(ignored)

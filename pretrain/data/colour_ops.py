@@ -12,6 +12,7 @@ factors as the PIL pipeline (and exact resume holds): only the rounding and the 
 Gaussian of the drawn sigma rather than PIL's three-box approximation of one) differ. BENCHMARKS.md
 ("Colour steps on tensors") has the speed and the PSNR against the PIL pipeline.
 """
+
 import math
 
 import numpy as np

@@ -37,6 +37,7 @@ whole because its SHA-256 is not the manifest's: `skipped_shards`). Hashing a sh
 costs a fraction of decoding it (BENCHMARKS.md). Shard after shard giving nothing stops the stream with
 DataUnavailable (ShardTally).
 """
+
 import contextlib
 import hashlib
 import logging
@@ -109,21 +110,32 @@ class ShardTally:
         """After a URL's shard streamed to its end: its digest against the manifest's."""
         shard = self.listed.get(url)
         if self.verify and shard and reader.sha256.hexdigest() != shard.sha256:
-            log.warning("shard %s: its SHA-256 differs from the manifest's (changed since sharding); its %d samples "
-                        "were read", url, shard.num_samples)
+            log.warning(
+                "shard %s: its SHA-256 differs from the manifest's (changed since sharding); its %d samples "
+                "were read",
+                url,
+                shard.num_samples,
+            )
 
     def shard_done(self, url, count, error):
         shard = self.listed.get(url)
         if shard is not None and count < shard.num_samples:
             self.lost += shard.num_samples - count
-            log.warning("shard %s: %d of its %d samples read, %d lost", url, count, shard.num_samples,
-                        shard.num_samples - count)
+            log.warning(
+                "shard %s: %d of its %d samples read, %d lost",
+                url,
+                count,
+                shard.num_samples,
+                shard.num_samples - count,
+            )
         self.unreadable = self.unreadable + [(url, error)] if count == 0 and error is not None else []
         if self.max_bad_shards and len(self.unreadable) >= self.max_bad_shards:
             places = sorted({os.path.dirname(str(u)) or "." for u, _ in self.unreadable})
             raise DataUnavailable(
-                f"the last {len(self.unreadable)} shards gave no sample (storage {', '.join(places)}); the last "
-                f"error: {self.unreadable[-1][1]}. Stopping; the last checkpoint stays (data.max_bad_shards)")
+                f"the last {len(self.unreadable)} shards gave no sample (storage {', '.join(places)}); "
+                f"the last "
+                f"error: {self.unreadable[-1][1]}. Stopping; the last checkpoint stays (data.max_bad_shards)"
+            )
 
     def take(self):
         """(samples lost, shards skipped) since the last call."""
@@ -145,11 +157,20 @@ def url_samples(url, tally):
             return
         except (OSError, tarfile.TarError, ValueError) as error:
             if attempt == tally.url_retries:
-                raise DataUnavailable(f"shard {url} could not be read after {tally.url_retries} retries "
-                                      f"({delivered} samples read): {error}") from None
-            wait = tally.backoff * 2 ** attempt
-            log.warning("shard %s broke off after %d samples (%s); opening it again in %.0f s (retry %d of %d)",
-                        url, delivered, error, wait, attempt + 1, tally.url_retries)
+                raise DataUnavailable(
+                    f"shard {url} could not be read after {tally.url_retries} retries "
+                    f"({delivered} samples read): {error}"
+                ) from None
+            wait = tally.backoff * 2**attempt
+            log.warning(
+                "shard %s broke off after %d samples (%s); opening it again in %.0f s (retry %d of %d)",
+                url,
+                delivered,
+                error,
+                wait,
+                attempt + 1,
+                tally.url_retries,
+            )
             time.sleep(wait)
 
 
@@ -220,12 +241,18 @@ class ShardStream(IterableDataset):
         if loader.mode == "epoch":
             shards = iter([dict(url=url) for url in loader.worker_shards(self.epoch)[worker]])
         else:
-            shards = wds.ResampledShards(loader.manifest.urls, seed=mix_seed(seed, self.epoch, rank, worker),
-                                         worker_seed=lambda: 0, deterministic=True)
-        tally = ShardTally(loader.listed, loader.max_bad_shards, loader.verify_shards, loader.url_retries,
-                           loader.url_backoff)
-        samples = wds.shuffle(loader.shuffle_buffer, loader.shuffle_buffer,
-                              seed=mix_seed(seed, self.epoch, rank, worker, 1))(shard_samples(shards, tally))
+            shards = wds.ResampledShards(
+                loader.manifest.urls,
+                seed=mix_seed(seed, self.epoch, rank, worker),
+                worker_seed=lambda: 0,
+                deterministic=True,
+            )
+        tally = ShardTally(
+            loader.listed, loader.max_bad_shards, loader.verify_shards, loader.url_retries, loader.url_backoff
+        )
+        samples = wds.shuffle(
+            loader.shuffle_buffer, loader.shuffle_buffer, seed=mix_seed(seed, self.epoch, rank, worker, 1)
+        )(shard_samples(shards, tally))
         raw_batches = wds.batched(loader.batch_size, collation_fn=None, partial=True)(samples)
         # Outside a worker the per-sample seeding must not disturb the caller's generator.
         guard = contextlib.nullcontext if info is not None else partial(torch.random.fork_rng, devices=[])
@@ -257,10 +284,27 @@ class ShardLoader:
     "skipped_shards" (shards skipped for their checksum; see ShardTally).
     """
 
-    def __init__(self, manifest, batch_size, view="eval", img_size=224, mode="epoch", num_workers=2, seed=0,
-                 rank=None, world_size=None, shuffle_buffer=1000, steps_per_epoch=None, pin_memory=False,
-                 max_bad_shards=16, verify_shards=True, url_retries=3, url_backoff=1.0, scaled_decoding=False,
-                 colour_ops="pil"):
+    def __init__(
+        self,
+        manifest,
+        batch_size,
+        view="eval",
+        img_size=224,
+        mode="epoch",
+        num_workers=2,
+        seed=0,
+        rank=None,
+        world_size=None,
+        shuffle_buffer=1000,
+        steps_per_epoch=None,
+        pin_memory=False,
+        max_bad_shards=16,
+        verify_shards=True,
+        url_retries=3,
+        url_backoff=1.0,
+        scaled_decoding=False,
+        colour_ops="pil",
+    ):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.listed = dict(zip(self.manifest.urls, self.manifest.shards))
         self.max_bad_shards, self.verify_shards = max_bad_shards, verify_shards
@@ -276,7 +320,12 @@ class ShardLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.batch_size, self.mode, self.num_workers, self.seed = batch_size, mode, num_workers, seed
-        self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = rank, world_size, shuffle_buffer, pin_memory
+        self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = (
+            rank,
+            world_size,
+            shuffle_buffer,
+            pin_memory,
+        )
         self.view = make_view(view, img_size, colour_ops)
         self.scaled_decoding = scaled_decoding and takes_encoded(self.view)
         self.readers_per_rank = max(1, num_workers)
@@ -295,22 +344,25 @@ class ShardLoader:
                 f"{num_shards} shards cannot feed world size {self.world_size} x {self.readers_per_rank} "
                 f"workers = {readers} readers in epoch mode: a reader without a shard would leave its rank "
                 f"short of batches and hang the next collective; {fix}, or re-shard with a smaller "
-                "--max-per-shard (or use resampled mode)")
+                "--max-per-shard (or use resampled mode)"
+            )
 
     def worker_shards(self, epoch):
         """Epoch mode: the shard urls each worker of this rank reads in `epoch`."""
         urls = list(self.manifest.urls)
         random.Random(mix_seed(self.seed, epoch)).shuffle(urls)
-        mine = urls[self.rank::self.world_size]
-        return [mine[w::self.readers_per_rank] for w in range(self.readers_per_rank)]
+        mine = urls[self.rank :: self.world_size]
+        return [mine[w :: self.readers_per_rank] for w in range(self.readers_per_rank)]
 
     def worker_batches(self, epoch):
         """How many batches each worker of this rank yields in `epoch`."""
         if self.mode == "resampled":
             workers = self.readers_per_rank
             return [max(0, math.ceil((self.steps_per_epoch - w) / workers)) for w in range(workers)]
-        return [math.ceil(sum(self.listed[url].num_samples for url in urls) / self.batch_size)
-                for urls in self.worker_shards(epoch)]
+        return [
+            math.ceil(sum(self.listed[url].num_samples for url in urls) / self.batch_size)
+            for urls in self.worker_shards(epoch)
+        ]
 
     def num_batches(self, epoch=0):
         """Batches this rank yields in `epoch` (from step 0)."""
@@ -326,14 +378,20 @@ class ShardLoader:
                 image, label = read(image_bytes(sample)), label_of(sample)
                 views[position], decoded[position] = self.view_of(image, seed_base, position), (image, label)
             except Exception as error:  # a corrupt sample must not stop training
-                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+                log.warning(
+                    "skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error
+                )
         good = [i for i, item in enumerate(decoded) if item is not None]
         labels = [item[1] if item else None for item in decoded]
         if not good:
             urls = sorted({sample.get("__url__") for sample in raw_batch})
-            raise RuntimeError(f"no sample of a batch decodes (shards {', '.join(map(str, urls))}); run lg-verify")
+            raise RuntimeError(
+                f"no sample of a batch decodes (shards {', '.join(map(str, urls))}); run lg-verify"
+            )
         for position in range(len(raw_batch)):
-            if views[position] is None:  # another view of the next good sample, drawn with this position's seed
+            if (
+                views[position] is None
+            ):  # another view of the next good sample, drawn with this position's seed
                 image, labels[position] = decoded[next((i for i in good if i > position), good[0])]
                 views[position] = self.view_of(image, seed_base, position)
         if isinstance(views[0], torch.Tensor):
@@ -341,8 +399,13 @@ class ShardLoader:
         else:
             images = [stack_images(group) for group in zip(*views)]
         replaced = torch.tensor([item is None for item in decoded])
-        return {"images": images, "labels": torch.tensor(labels), "keys": [s["__key__"] for s in raw_batch],
-                "bad_samples": len(raw_batch) - len(good), "replaced": replaced}
+        return {
+            "images": images,
+            "labels": torch.tensor(labels),
+            "keys": [s["__key__"] for s in raw_batch],
+            "bad_samples": len(raw_batch) - len(good),
+            "replaced": replaced,
+        }
 
     def view_of(self, image, seed_base, position):
         torch.default_generator.manual_seed(mix_seed(*seed_base, position))
@@ -354,8 +417,15 @@ class ShardLoader:
         if self.num_workers == 0:
             batches = iter(stream)
         else:
-            batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory, worker_init_fn=_leave_stop_signals_to_the_trainer))
+            batches = iter(
+                DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                    worker_init_fn=_leave_stop_signals_to_the_trainer,
+                )
+            )
         try:
             for batch in batches:
                 self.bad_samples += batch["bad_samples"]

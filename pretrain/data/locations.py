@@ -8,6 +8,7 @@
 A shard read from a URL is a stream: it cannot be seeked or hashed before it is read, so the readers
 skip members by reading them and hash it as it streams (`HashingReader`).
 """
+
 import hashlib
 import importlib
 import shlex

@@ -1,4 +1,5 @@
 """The manifest `OUT/{split}.json` that lg-shard writes next to the shards and every reader trusts."""
+
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,9 @@ class Manifest:
     shards: list  # [ShardInfo]
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
     fingerprint: str = ""  # identifies the lg-shard invocation that wrote the shards
-    subset: dict = field(default_factory=dict)  # a label subset's file or fraction (data_prep.subsets); {}: all
+    subset: dict = field(
+        default_factory=dict
+    )  # a label subset's file or fraction (data_prep.subsets); {}: all
     # lg-shard --max-side: {"max_side", "quality", "resized": images re-encoded}; {}: every image as it came
     resize: dict = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False, repr=False)
@@ -41,14 +44,18 @@ class Manifest:
         """Read a manifest (a path to the .json, or to OUT plus the split as OUT/split.json)."""
         path = Path(path)
         if path.is_dir():
-            raise UserError(f"{path} is a folder; give the manifest lg-shard wrote in it ({path}/SPLIT.json, "
-                            "e.g. train.json)")
+            raise UserError(
+                f"{path} is a folder; give the manifest lg-shard wrote in it ({path}/SPLIT.json, "
+                "e.g. train.json)"
+            )
         try:
             record = json.loads(path.read_text())
             record["shards"] = [ShardInfo(**shard) for shard in record["shards"]]
             manifest = cls(**record)
         except FileNotFoundError:
-            raise UserError(f"manifest {path} does not exist (lg-shard writes it when sharding completes)") from None
+            raise UserError(
+                f"manifest {path} does not exist (lg-shard writes it when sharding completes)"
+            ) from None
         except (ValueError, TypeError, KeyError) as error:
             raise UserError(f"{path} is not an lg-shard manifest ({error})") from None
         manifest.root = path.parent
@@ -62,7 +69,9 @@ class Manifest:
             raise UserError(f"{where}manifest of split {self.split!r} in {self.root} lists no shards")
         missing = [url for url in self.urls if not is_url(url) and not os.path.isfile(url)]
         if missing:
-            raise UserError(f"{where}shard {missing[0]} is missing ({len(missing)} of {len(self.shards)} are)")
+            raise UserError(
+                f"{where}shard {missing[0]} is missing ({len(missing)} of {len(self.shards)} are)"
+            )
         return self
 
     def save(self, path):

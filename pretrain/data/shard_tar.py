@@ -3,6 +3,7 @@
 Both sides are ~4x cheaper per sample than the tarfile-based code in webdataset (bench/shard.py,
 bench/loader.py); the files stay standard tars that tar(1), tarfile and webdataset read.
 """
+
 import hashlib
 import json
 import os
@@ -35,7 +36,9 @@ def ustar_header(name, size, mtime=0):
         return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
     size_and_time = b"%011o\0%011o\0" % (size, mtime)
     checksum = HEADER_BASE_CHECKSUM + sum(encoded) + sum(size_and_time)
-    return b"".join((encoded.ljust(100, b"\0"), HEADER_OWNER, size_and_time, b"%06o\0 " % checksum, HEADER_TAIL))
+    return b"".join(
+        (encoded.ljust(100, b"\0"), HEADER_OWNER, size_and_time, b"%06o\0 " % checksum, HEADER_TAIL)
+    )
 
 
 class ShardTarWriter:
@@ -97,9 +100,9 @@ def _header_field(header, start, end):
 def _pax_records(data):
     """The key=value records of a PAX extended header ("LEN key=value\\n" each)."""
     records, position = {}, 0
-    while position < len(data) and data[position:position + 1] != b"\0":
-        length = int(data[position:data.index(b" ", position)])
-        key, _, value = data[data.index(b" ", position) + 1:position + length - 1].partition(b"=")
+    while position < len(data) and data[position : position + 1] != b"\0":
+        length = int(data[position : data.index(b" ", position)])
+        key, _, value = data[data.index(b" ", position) + 1 : position + length - 1].partition(b"=")
         records[key.decode()] = value.decode()
         position += length
     return records
@@ -167,7 +170,7 @@ def read_shard(path, select=None, stream=None):
         position += len(data)
         return data
 
-    with (stream if stream is not None else open(path, "rb", buffering=1 << 16)) as f:
+    with stream if stream is not None else open(path, "rb", buffering=1 << 16) as f:
         seekable = stream is None
         while (header := read(f, TAR_BLOCK)).count(0) != TAR_BLOCK:  # a zero block ends the archive
             offset = position - len(header)
@@ -179,11 +182,17 @@ def read_shard(path, select=None, stream=None):
             prefix = _header_field(header, 345, 500).decode()
             name = _header_field(header, 0, 100).decode()
             name = override.get("path", f"{prefix}/{name}" if prefix else name)
-            size = int(override["size"]) if "size" in override else int(_header_field(header, 124, 136) or b"0", 8)
+            size = (
+                int(override["size"])
+                if "size" in override
+                else int(_header_field(header, 124, 136) or b"0", 8)
+            )
             override = {}
             padded = size + -size % TAR_BLOCK
             kind = header[156:157]
-            wanted = kind in REGULAR_FILE and "." in name.rpartition("/")[2] and (select is None or select(name))
+            wanted = (
+                kind in REGULAR_FILE and "." in name.rpartition("/")[2] and (select is None or select(name))
+            )
             if not (wanted or kind in (b"x", b"L")):
                 skip(f, padded)
                 continue

@@ -7,10 +7,10 @@ DataLoader a quarter of the bytes of float32 batches, and the consumer converts 
 its device with `normalize`. Randomness comes from torch's global generator, which the loader seeds
 per sample. See BENCHMARKS.md for the numbers.
 """
+
 import dataclasses
 import io
 import random
-import typing
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,7 +25,9 @@ from pretrain.data.colour_ops import TensorColour
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (which needs FFmpeg); they are
 # pinned here and work. Should a later torchvision drop them, decode_image falls back to PIL.
-warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning
+)
 try:
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as torchvision_decode
@@ -38,19 +40,28 @@ EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875 (256 for 224), then center
 BICUBIC = v2.InterpolationMode.BICUBIC
 
 
+class UndecodableImage(ValueError):
+    """Bytes that no decoder here reads as an image: empty, another kind of file, truncated."""
+
+
 def decode_image(data):
-    """Encoded image bytes -> uint8 RGB CHW tensor; raises if the bytes are not a decodable image.
+    """Encoded image bytes -> uint8 RGB CHW tensor; UndecodableImage if they are not a decodable image.
 
     torchvision decodes JPEG (CMYK and grayscale included), PNG, WEBP and GIF; other formats PIL
     reads (BMP, TIFF, ...) go through PIL.
     """
     if torchvision_decode is not None:
         try:
-            return torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
+            return torchvision_decode(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
+        except (RuntimeError, ValueError):  # not a format it reads, or no bytes at all: PIL has the last word
             pass
-    with Image.open(io.BytesIO(data)) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UndecodableImage(f"{len(data)} bytes that are not a decodable image ({error})") from None
 
 
 class EncodedImage:
@@ -78,8 +89,9 @@ class EncodedImage:
         tensor; decoded at the smallest JPEG scale that still has `size` pixels across the box."""
         factor = max((f for f in (8, 4, 2) if height >= f * size[0] and width >= f * size[1]), default=1)
         if factor == 1 or not self.is_jpeg:
-            return v2.functional.resized_crop(self.full(), top, left, height, width, list(size),
-                                              interpolation=interpolation, antialias=True)
+            return v2.functional.resized_crop(
+                self.full(), top, left, height, width, list(size), interpolation=interpolation, antialias=True
+            )
         if factor not in self._scaled:  # decoded once per scale: the views of a pair often share one
             with Image.open(io.BytesIO(self.data)) as image:
                 drafted = image.draft("RGB", (self.width // factor, self.height // factor))
@@ -100,8 +112,9 @@ class DecodingResizedCrop(v2.RandomResizedCrop):
         if not isinstance(image, EncodedImage):
             return super().forward(*inputs)
         box = self.make_params([torch.empty(1, 1, 1).expand(3, image.height, image.width)])
-        return image.resized_crop(box["top"], box["left"], box["height"], box["width"], self.size,
-                                  self.interpolation)
+        return image.resized_crop(
+            box["top"], box["left"], box["height"], box["width"], self.size, self.interpolation
+        )
 
 
 def takes_encoded(view):
@@ -115,19 +128,26 @@ def takes_encoded(view):
 
 def eval_view(img_size):
     """Deterministic: resize the short side, center crop."""
-    return v2.Compose([
-        v2.Resize(round(img_size / EVAL_CROP_RATIO), interpolation=BICUBIC, antialias=True),
-        v2.CenterCrop(img_size),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(round(img_size / EVAL_CROP_RATIO), interpolation=BICUBIC, antialias=True),
+            v2.CenterCrop(img_size),
+        ]
+    )
 
 
-def finetune_view(img_size, min_scale=0.08, flip=True, rand_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"):
+def finetune_view(
+    img_size, min_scale=0.08, flip=True, rand_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"
+):
     """The per-image part of MAE's fine-tuning augmentation (its mixing and erasing act on the batch, in
     pretrain/methods/finetune.py): random resized crop (min_scale-100 %), horizontal flip and timm's
     RandAugment of spec `rand_augment` with MAE's hparams (empty: off). Also the linear probes' view,
     with RandAugment off."""
-    steps = [DecodingResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation],
-                                 antialias=True)]
+    steps = [
+        DecodingResizedCrop(
+            img_size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation], antialias=True
+        )
+    ]
     steps += [v2.RandomHorizontalFlip()] if flip else []
     steps += [TimmRandAugment(rand_augment, img_size, interpolation)] if rand_augment else []
     return v2.Compose(steps)
@@ -139,14 +159,17 @@ class TimmRandAugment:
     the loader seeds per sample, so a view stays a function of (seed, epoch, rank, batch, position)."""
 
     def __init__(self, spec, img_size, interpolation="bicubic"):
-        hparams = dict(translate_const=int(img_size * 0.45), interpolation=str_to_pil_interp(interpolation),
-                       img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN))
+        hparams = dict(
+            translate_const=int(img_size * 0.45),
+            interpolation=str_to_pil_interp(interpolation),
+            img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
+        )
         self.augment = rand_augment_transform(spec, hparams)
 
     def __call__(self, image):
-        seed = int(torch.randint(2 ** 62, ()))
+        seed = int(torch.randint(2**62, ()))
         random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
+        np.random.seed(seed % 2**32)
         pil = v2.functional.to_pil_image(image)
         return v2.functional.pil_to_tensor(self.augment(pil))
 
@@ -165,11 +188,11 @@ class ViewConfig:
     min_ratio: float = 0.75  # aspect ratio of the crop, from ...
     max_ratio: float = 4 / 3  # ... to
     interpolation: str = "bilinear"  # bilinear | bicubic (MAE, SimMIM)
-    jitter: typing.List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast,
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast,
     jitter_p: float = 0.8  # saturation, hue strengths of the colour jitter, and its probability
     grayscale_p: float = 0.2
     blur_p: float = 1.0
-    blur_sigma: typing.List[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
     solarize_p: float = 0.0
     flip: bool = True  # horizontal flip with probability 0.5
 
@@ -179,18 +202,29 @@ class ViewConfig:
             (0 < self.min_scale <= self.max_scale <= 1, "min_scale", "in (0, 1] and <= max_scale (<= 1)"),
             (0 < self.min_ratio <= self.max_ratio, "min_ratio", "positive and <= max_ratio"),
             (self.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}"),
-            (len(self.jitter) == 4 and min(self.jitter) >= 0 and self.jitter[3] <= 0.5, "jitter",
-             "4 strengths >= 0 (brightness, contrast, saturation, hue <= 0.5)"),
-            (len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma",
-             "two numbers 0 < low <= high"),
+            (
+                len(self.jitter) == 4 and min(self.jitter) >= 0 and self.jitter[3] <= 0.5,
+                "jitter",
+                "4 strengths >= 0 (brightness, contrast, saturation, hue <= 0.5)",
+            ),
+            (
+                len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+                "blur_sigma",
+                "two numbers 0 < low <= high",
+            ),
         ]
-        checks += [(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
-                   for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p")]
+        checks += [
+            (0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+            for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p")
+        ]
         return [(name, expected) for ok, name, expected in checks if not ok]
 
     @property
     def has_colour(self):
-        return max(self.jitter_p if any(self.jitter) else 0.0, self.grayscale_p, self.blur_p, self.solarize_p) > 0
+        return (
+            max(self.jitter_p if any(self.jitter) else 0.0, self.grayscale_p, self.blur_p, self.solarize_p)
+            > 0
+        )
 
 
 NO_COLOUR = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
@@ -241,9 +275,13 @@ PIL_INTERPOLATIONS = {v2.InterpolationMode.BILINEAR: Image.BILINEAR, BICUBIC: Im
 
 
 def random_crop(img_size, view):
-    return DecodingResizedCrop(img_size, scale=(view.min_scale, view.max_scale),
-                               ratio=(view.min_ratio, view.max_ratio),
-                               interpolation=INTERPOLATIONS[view.interpolation], antialias=True)
+    return DecodingResizedCrop(
+        img_size,
+        scale=(view.min_scale, view.max_scale),
+        ratio=(view.min_ratio, view.max_ratio),
+        interpolation=INTERPOLATIONS[view.interpolation],
+        antialias=True,
+    )
 
 
 COLOUR_OPS = ("pil", "tensor")
@@ -257,14 +295,16 @@ def colour(view, colour_ops="pil"):
         return TensorColour(view)
     if colour_ops != "pil":
         raise ValueError(f"colour_ops must be one of {', '.join(COLOUR_OPS)}, not {colour_ops!r}")
-    return v2.Compose([
-        v2.ToPILImage(),
-        v2.RandomApply([v2.ColorJitter(*view.jitter)], p=view.jitter_p),
-        v2.RandomGrayscale(p=view.grayscale_p),
-        v2.RandomApply([PILGaussianBlur(tuple(view.blur_sigma))], p=view.blur_p),
-        v2.RandomSolarize(threshold=128, p=view.solarize_p),
-        v2.PILToTensor(),
-    ])
+    return v2.Compose(
+        [
+            v2.ToPILImage(),
+            v2.RandomApply([v2.ColorJitter(*view.jitter)], p=view.jitter_p),
+            v2.RandomGrayscale(p=view.grayscale_p),
+            v2.RandomApply([PILGaussianBlur(tuple(view.blur_sigma))], p=view.blur_p),
+            v2.RandomSolarize(threshold=128, p=view.solarize_p),
+            v2.PILToTensor(),
+        ]
+    )
 
 
 def augmentation(img_size, view, colour_ops="pil"):

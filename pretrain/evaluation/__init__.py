@@ -1,1 +1,2 @@
-"""Measuring encoders: frozen features, kNN, linear probes, fine-tuning results, the per-layer analyses and the monitors a run calls."""
+"""Measuring encoders: frozen features, kNN, linear probes, fine-tuning results, the per-layer analyses and
+the monitors a run calls."""

@@ -1,4 +1,5 @@
 """Frozen features of a split, and the kNN and linear probes on them."""
+
 import json
 from pathlib import Path
 
@@ -29,17 +30,28 @@ def encoder_from(source, arch, img_size, patch_size):
 
 
 @torch.no_grad()
-def extract_features(encoder, manifest, img_size, pools=("token",), layers=(-1,), batch_size=256, num_workers=1,
-                     progress=False):
+def extract_features(
+    encoder, manifest, img_size, pools=("token",), layers=(-1,), batch_size=256, num_workers=1, progress=False
+):
     """({(pool, layer): (N, D) features}, labels) of every image of a split, in shard order, in one pass.
 
     pool "token": the class token, "mean": the mean patch token; layer -1: the normalized output of the
     last block, i >= 0: the output of block i (before the final norm).
     """
-    loader = make_loader(manifest, batch_size, view="eval", img_size=img_size, mode="epoch",
-                         num_workers=num_workers, rank=0, world_size=1)
+    loader = make_loader(
+        manifest,
+        batch_size,
+        view="eval",
+        img_size=img_size,
+        mode="epoch",
+        num_workers=num_workers,
+        rank=0,
+        world_size=1,
+    )
     features, labels = {(pool, layer): [] for pool in pools for layer in layers}, []
-    batches = tqdm(loader.epoch(0), total=loader.num_batches(0), desc="features", unit="batch", disable=not progress)
+    batches = tqdm(
+        loader.epoch(0), total=loader.num_batches(0), desc="features", unit="batch", disable=not progress
+    )
     for batch in batches:
         with block_tokens(encoder) as per_block:
             last = encoder.forward_features(normalize(batch["images"]))
@@ -50,12 +62,14 @@ def extract_features(encoder, manifest, img_size, pools=("token",), layers=(-1,)
     return {key: torch.cat(store) for key, store in features.items()}, torch.cat(labels)
 
 
-def linear_probe_accuracy(train_features, train_labels, val_features, val_labels, epochs=300, lr=1e-2,
-                          weight_decay=0.0, seed=0):
+def linear_probe_accuracy(
+    train_features, train_labels, val_features, val_labels, epochs=300, lr=1e-2, weight_decay=0.0, seed=0
+):
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False),
-                         nn.Linear(train_features.shape[1], num_classes))
+    head = nn.Sequential(
+        nn.BatchNorm1d(train_features.shape[1], affine=False), nn.Linear(train_features.shape[1], num_classes)
+    )
     with torch.no_grad():
         head[1].weight.normal_(0, 0.01, generator=generator)
         head[1].bias.zero_()
@@ -88,15 +102,19 @@ def few_shot(labels, shots):
 
 def frozen_scores(encoder, train_manifest, val_manifest, img_size, pools=("token",), shots=10):
     """Frozen-feature top-1 (%) on val of the last block's features, per pool: kNN (`knn_<pool>`), the
-    linear probe with every label (`linear_<pool>`) and with `shots` per class (`linear<shots>shot_<pool>`)."""
-    (train, train_y), (val, val_y) = (extract_features(encoder, manifest, img_size, pools)
-                                      for manifest in (train_manifest, val_manifest))
+    linear probe with every label (`linear_<pool>`) and with `shots` per class
+    (`linear<shots>shot_<pool>`)."""
+    (train, train_y), (val, val_y) = (
+        extract_features(encoder, manifest, img_size, pools) for manifest in (train_manifest, val_manifest)
+    )
     few, scores = few_shot(train_y, shots), {}
     for pool in pools:
         train_f, val_f = train[pool, -1], val[pool, -1]
         scores[f"knn_{pool}"] = 100 * knn_accuracy(train_f, train_y, val_f, val_y)
         scores[f"linear_{pool}"] = 100 * linear_probe_accuracy(train_f, train_y, val_f, val_y)
-        scores[f"linear{shots}shot_{pool}"] = 100 * linear_probe_accuracy(train_f[few], train_y[few], val_f, val_y)
+        scores[f"linear{shots}shot_{pool}"] = 100 * linear_probe_accuracy(
+            train_f[few], train_y[few], val_f, val_y
+        )
     return scores
 
 
@@ -112,6 +130,8 @@ def architecture(source, args):
         arch = {name: arch for arch, name in TIMM_NAMES.items()}[timm_kwargs["model_name"]]
         return arch, timm_kwargs["img_size"], timm_kwargs["patch_size"]
     if args.arch is None:
-        raise UserError(f"{source}: give --arch (and --img-size, --patch-size): no run config or lg-export .json "
-                        "says what architecture it is")
+        raise UserError(
+            f"{source}: give --arch (and --img-size, --patch-size): no run config or lg-export .json "
+            "says what architecture it is"
+        )
     return args.arch, args.img_size, args.patch_size or (14 if args.arch == "vit_huge" else 16)

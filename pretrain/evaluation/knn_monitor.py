@@ -4,13 +4,15 @@ and the console.
 
 Each rank embeds its share of each split: the shards r, r + world, ... of the manifest, decoded once
 (eval view, uint8, kept in memory) with at most ceil(data.knn_per_class / world) images of a class
-per rank when a cap is set. The features are gathered and rank 0 votes (pretrain.evaluation.knn, k 20, T 0.07).
+per rank when a cap is set. The features are gathered and rank 0 votes (pretrain.evaluation.knn, k 20, T
+0.07).
 
 The encoder is measured as a copy: its weights (gathered first under ZeRO-3, where every rank holds a
 slice) are loaded into a plain timm encoder in eval mode that lives outside the engine. So neither
 ZeRO's hooks, nor drop path, nor the random generators of the training are touched, and a run with the
 monitor ends with the weights of a run without it.
 """
+
 import logging
 import math
 
@@ -41,8 +43,12 @@ def load_share(manifest, img_size, per_class=0, rank_=0, world=1):
                 continue
             images.append(view(decode_image(image_bytes(sample))))
         except Exception as error:  # counted and reported, never fatal for a monitor
-            log.warning("kNN monitor: skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"),
-                        error)
+            log.warning(
+                "kNN monitor: skipping sample %s of %s: %s",
+                sample.get("__key__"),
+                sample.get("__url__"),
+                error,
+            )
             bad += 1
             continue
         labels.append(label)
@@ -61,10 +67,10 @@ def gather_rows(tensor):
     dist.all_gather(counts, count)
     longest = int(max(c.item() for c in counts))
     padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[:len(tensor)] = tensor
+    padded[: len(tensor)] = tensor
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:int(c.item())] for part, c in zip(parts, counts)])
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])
 
 
 class KNNMonitor:
@@ -100,9 +106,14 @@ class KNNMonitor:
 
     @torch.no_grad()
     def _embed(self, images):
-        features = [pool_tokens(self.copy, self.copy.forward_features(normalize(images[i:i + self.batch_size],
-                                                                                self.device)), self.pool).float()
-                    for i in range(0, len(images), self.batch_size)]
+        features = [
+            pool_tokens(
+                self.copy,
+                self.copy.forward_features(normalize(images[i : i + self.batch_size], self.device)),
+                self.pool,
+            ).float()
+            for i in range(0, len(images), self.batch_size)
+        ]
         width = self.copy.embed_dim
         return torch.cat(features) if features else torch.empty(0, width, device=self.device)
 
@@ -115,8 +126,10 @@ class KNNMonitor:
             online = dict(self.online.named_parameters())
             for name, param in self.copy.named_parameters():
                 param.copy_(online[name].detach().float())
-        features = {name: (gather_rows(self._embed(images)).cpu(), gather_rows(labels.to(self.device)).cpu())
-                    for name, (images, labels) in self.splits.items()}
+        features = {
+            name: (gather_rows(self._embed(images)).cpu(), gather_rows(labels.to(self.device)).cpu())
+            for name, (images, labels) in self.splits.items()
+        }
         if rank() != 0:
             return None
         (train, train_y), (val, val_y) = features["train"], features["val"]

@@ -1,4 +1,5 @@
 """"""
+
 import contextlib
 import math
 
@@ -14,7 +15,9 @@ def attention_maps(encoder):
     for block in encoder.blocks:
         fused.append(block.attn.fused_attn)
         block.attn.fused_attn = False
-        hooks.append(block.attn.attn_drop.register_forward_hook(lambda module, inputs, output: maps.append(inputs[0])))
+        hooks.append(
+            block.attn.attn_drop.register_forward_hook(lambda module, inputs, output: maps.append(inputs[0]))
+        )
     try:
         yield maps
     finally:
@@ -27,8 +30,10 @@ def attention_maps(encoder):
 def block_tokens(encoder):
     """`with block_tokens(encoder) as tokens:` run the encoder; then a list, per block, of (N, T, D)."""
     tokens = []
-    hooks = [block.register_forward_hook(lambda module, inputs, output: tokens.append(output))
-             for block in encoder.blocks]
+    hooks = [
+        block.register_forward_hook(lambda module, inputs, output: tokens.append(output))
+        for block in encoder.blocks
+    ]
     try:
         yield tokens
     finally:
@@ -66,7 +71,9 @@ def attention_nmi(attention, prefix_tokens=1):
     h_key = _entropy(p_key)
     h_joint = _entropy(joint.flatten(-2))
     mutual = h_query + h_key - h_joint
-    nmi = torch.where(h_key > 1e-9, mutual / (h_query * h_key).clamp_min(1e-12).sqrt(), torch.zeros_like(h_key))
+    nmi = torch.where(
+        h_key > 1e-9, mutual / (h_query * h_key).clamp_min(1e-12).sqrt(), torch.zeros_like(h_key)
+    )
     return nmi.mean(dim=0)
 
 
@@ -109,8 +116,12 @@ def measure(encoder, images, patch_size):
     with attention_maps(encoder) as maps, block_tokens(encoder) as tokens:
         encoder.forward_features(images)
     result = {
-        "attention_distance_px": [float(attention_distance(m, grid, patch_size, prefix).mean()) for m in maps],
-        "attention_distance_per_head": [attention_distance(m, grid, patch_size, prefix).tolist() for m in maps],
+        "attention_distance_px": [
+            float(attention_distance(m, grid, patch_size, prefix).mean()) for m in maps
+        ],
+        "attention_distance_per_head": [
+            attention_distance(m, grid, patch_size, prefix).tolist() for m in maps
+        ],
         "attention_nmi": [float(attention_nmi(m, prefix).mean()) for m in maps],
         "token_cosine": [token_cosine(t[:, prefix:]) for t in tokens],
         "head_cosine": [head_cosine(m) for m in maps],

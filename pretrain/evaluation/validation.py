@@ -6,6 +6,7 @@ under ZeRO-3) go into a float32 module of the same structure in eval mode outsid
 hooks, drop path and the training's random generators are untouched and a run with measurements ends
 with the weights of a run without them.
 """
+
 import logging
 from pathlib import Path
 
@@ -30,12 +31,20 @@ def top1_counts(models, manifest, batch_size, img_size, num_workers, device, bf1
     readers = min(world_size(), len(manifest.shards))  # a rank without a shard only adds zeros
     counts = torch.zeros(len(models) + 1, dtype=torch.float64, device=device)
     if rank() < readers:
-        loader = make_loader(manifest, batch_size, view="eval", img_size=img_size, mode="epoch",
-                             num_workers=min(num_workers, len(manifest.shards) // readers), rank=rank(),
-                             world_size=readers)
+        loader = make_loader(
+            manifest,
+            batch_size,
+            view="eval",
+            img_size=img_size,
+            mode="epoch",
+            num_workers=min(num_workers, len(manifest.shards) // readers),
+            rank=rank(),
+            world_size=readers,
+        )
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-        for batch in tqdm(loader.epoch(0), total=loader.num_batches(0), desc="val", unit="batch",
-                          disable=rank() > 0):
+        for batch in tqdm(
+            loader.epoch(0), total=loader.num_batches(0), desc="val", unit="batch", disable=rank() > 0
+        ):
             kept = ~batch["replaced"]  # samples that did not decode are left out, not counted as copies
             images, labels = normalize(batch["images"][kept], device), batch["labels"][kept].to(device)
             with autocast:
@@ -66,7 +75,9 @@ class ValMonitor:
     def __init__(self, config, objective, device):
         self.config, self.objective, self.device = config, objective, device
         self.run_dir = Path(config.run.dir)
-        Manifest.load(config.finetune.val).check_shards()  # a wrong path fails now, not at the first measurement
+        Manifest.load(
+            config.finetune.val
+        ).check_shards()  # a wrong path fails now, not at the first measurement
         with torch.random.fork_rng(devices=[]):
             self.copy = objective.make_classifier().to(device).eval()
         self.history = []  # {"step", "epoch", "top1"[, "top1_ema"]}
@@ -93,8 +104,15 @@ class ValMonitor:
                 dist.broadcast(buffer, 0)
         models = [self.copy] + ([self.objective.ema.module] if getattr(self.objective, "ema", None) else [])
         c = self.config
-        *correct, seen = top1_counts(models, c.finetune.val, c.deepspeed.micro_batch_size, c.data.img_size,
-                                     c.data.num_workers, self.device, bf16=c.deepspeed.precision != "fp32")
+        *correct, seen = top1_counts(
+            models,
+            c.finetune.val,
+            c.deepspeed.micro_batch_size,
+            c.data.img_size,
+            c.data.num_workers,
+            self.device,
+            bf16=c.deepspeed.precision != "fp32",
+        )
         record = {"step": step, "epoch": round(epoch, 3), "top1": round(100 * correct[0] / max(seen, 1), 2)}
         if len(correct) > 1:
             record["top1_ema"] = round(100 * correct[1] / max(seen, 1), 2)
@@ -106,9 +124,16 @@ class ValMonitor:
 
     def _report(self, record, previous, models):
         best = previous is None or score(record) > score(previous)
-        log.info("step %d  val top-1 %.2f %%%s%s", record["step"], record["top1"],
-                 f" (EMA {record['top1_ema']:.2f} %)" if "top1_ema" in record else "", "  best so far" if best else "")
+        log.info(
+            "step %d  val top-1 %.2f %%%s%s",
+            record["step"],
+            record["top1"],
+            f" (EMA {record['top1_ema']:.2f} %)" if "top1_ema" in record else "",
+            "  best so far" if best else "",
+        )
         write_json_atomic(self.run_dir / "val_history.json", self.history)
         if best and self.config.finetune.keep_best:
             model = models[1] if record.get("top1_ema", -1) > record["top1"] else models[0]
-            save_atomic(self.objective.classifier_state(model.state_dict()), self.run_dir / "classifier_best.pth")
+            save_atomic(
+                self.objective.classifier_state(model.state_dict()), self.run_dir / "classifier_best.pth"
+            )

@@ -23,6 +23,7 @@ lower part from the measurement instead of by hand search.
 3. The grafted run then trains as rule `split` with that k (and lower_scale / upper_scale); the curve
    and the choice are printed, written to RUN_DIR/graft_auto.json and logged to TensorBoard.
 """
+
 import copy
 import json
 import logging
@@ -53,14 +54,18 @@ def read_cosines(source):
     events.Reload()
     tags = sorted(t for t in events.Tags()["scalars"] if t.startswith(TAG))
     if not tags:
-        raise UserError(f"graft.auto_from: {log_dir} has no {TAG}NN scalars (log them with a hybrid run and "
-                        "run.diagnostics_every > 0)")
+        raise UserError(
+            f"graft.auto_from: {log_dir} has no {TAG}NN scalars (log them with a hybrid run and "
+            "run.diagnostics_every > 0)"
+        )
     curves = [[e.value for e in events.Scalars(tag)] for tag in tags]
     steps = [e.step for e in events.Scalars(tags[0])]
     later = len(steps) // 2
     used = [values[later:] for values in curves]
     means = [sum(values) / len(values) for values in used]
-    errors = [statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 3 else None for values in used]
+    errors = [
+        statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 3 else None for values in used
+    ]
     return means, steps[later:], errors
 
 
@@ -69,14 +74,17 @@ def choose_split(cosines, threshold=0.0, errors=None, confidence=0.0):
     a block is decided when its cosine is more than `confidence` standard errors (`errors`; None:
     unknown) from the threshold, or always with confidence 0. None when no block is decided."""
     errors = errors or [0.0] * len(cosines)
-    decided = [confidence == 0 or (e is not None and abs(c - threshold) > confidence * e)
-               for c, e in zip(cosines, errors)]
+    decided = [
+        confidence == 0 or (e is not None and abs(c - threshold) > confidence * e)
+        for c, e in zip(cosines, errors)
+    ]
     if not any(decided):
         return None
 
     def wrong(k):
-        return sum(d and c < threshold for c, d in zip(cosines[:k], decided[:k])) + \
-            sum(d and c >= threshold for c, d in zip(cosines[k:], decided[k:]))
+        return sum(d and c < threshold for c, d in zip(cosines[:k], decided[:k])) + sum(
+            d and c >= threshold for c, d in zip(cosines[k:], decided[k:])
+        )
 
     return min(range(len(cosines) + 1), key=lambda k: (wrong(k), -k))
 
@@ -104,8 +112,11 @@ def resolve(config, train):
     if not source:
         probe = probe_config(config)
         if rank() == 0:
-            log.info("graft.rule=auto: probing the MIM-vs-CL gradient cosine, %d hybrid steps in %s",
-                     g.probe_steps, probe.run.dir)
+            log.info(
+                "graft.rule=auto: probing the MIM-vs-CL gradient cosine, %d hybrid steps in %s",
+                g.probe_steps,
+                probe.run.dir,
+            )
         _, signum = train(probe)
         if signum:
             return None, signum
@@ -115,19 +126,40 @@ def resolve(config, train):
     cosines, steps, errors = read_cosines(source)
     chosen = choose_split(cosines, g.auto_threshold, errors, g.auto_confidence)
     if chosen is None and rank() == 0:
-        log.info("graft.rule=auto: no block's cosine is more than %g standard errors from %g: the probe cannot "
-                 "tell agreement from conflict; keeping graft.split=%d", g.auto_confidence, g.auto_threshold,
-                 g.split)
+        log.info(
+            "graft.rule=auto: no block's cosine is more than %g standard errors from %g: the probe cannot "
+            "tell agreement from conflict; keeping graft.split=%d",
+            g.auto_confidence,
+            g.auto_threshold,
+            g.split,
+        )
     g.split = g.split if chosen is None else chosen
-    curve = {"source": str(source), "steps": steps, "cosines": cosines, "errors": errors,
-             "threshold": g.auto_threshold, "confidence": g.auto_confidence, "decided": chosen is not None,
-             "split": g.split}
+    curve = {
+        "source": str(source),
+        "steps": steps,
+        "cosines": cosines,
+        "errors": errors,
+        "threshold": g.auto_threshold,
+        "confidence": g.auto_confidence,
+        "decided": chosen is not None,
+        "split": g.split,
+    }
     if rank() == 0:
-        table = "\n".join(f"  block {i:2d}  cosine {c:+.3f} ± {'?' if e is None else f'{e:.3f}'}  "
-                          f"{'lower' if i < g.split else 'upper'}" for i, (c, e) in enumerate(zip(cosines, errors)))
-        log.info("graft.rule=auto: split %d (blocks 0-%d at lr_scale %g, the rest at %g), from %s (steps %s):\n%s",
-                 g.split, g.split - 1, g.lower_scale, g.upper_scale, source,
-                 f"{steps[0]}-{steps[-1]}", table)
+        table = "\n".join(
+            f"  block {i:2d}  cosine {c:+.3f} ± {'?' if e is None else f'{e:.3f}'}  "
+            f"{'lower' if i < g.split else 'upper'}"
+            for i, (c, e) in enumerate(zip(cosines, errors))
+        )
+        log.info(
+            "graft.rule=auto: split %d (blocks 0-%d at lr_scale %g, the rest at %g), from %s (steps %s):\n%s",
+            g.split,
+            g.split - 1,
+            g.lower_scale,
+            g.upper_scale,
+            source,
+            f"{steps[0]}-{steps[-1]}",
+            table,
+        )
         Path(config.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(config.run.dir) / "graft_auto.json").write_text(json.dumps(curve, indent=1))
     return curve, 0

@@ -1,4 +1,5 @@
 """The L1 pull of grafted layers toward their starting weights."""
+
 import torch
 
 
@@ -13,7 +14,9 @@ class L1Pull(torch.nn.Module):
     def __init__(self, named_params, weight):
         super().__init__()
         self.weight, self.params = weight, [p for _, p in named_params]
-        object.__setattr__(self, "start", [p.detach().clone().float() for p in self.params])  # not in state_dict
+        object.__setattr__(
+            self, "start", [p.detach().clone().float() for p in self.params]
+        )  # not in state_dict
 
     def forward(self):
         if self.start[0].device != self.params[0].device:

@@ -6,6 +6,7 @@ norm, decoders, projectors, predictors) is layer depth + 1. A rule maps a layer 
 parameters with equal (lr_scale, weight decay) share one group, so a uniform rule gives two groups
 whatever the depth (DeepSpeed slows down with many groups).
 """
+
 import math
 import re
 
@@ -60,14 +61,24 @@ def graft_rule(graft, depth):
     """
     if graft.rule == "list":
         scales, per_entry = graft.scales, max(1, depth // len(graft.scales))
-        return lambda layer: scales[0] if layer == 0 else scales[min((layer - 1) // per_entry, len(scales) - 1)] \
-            if layer <= depth else scales[-1]
-    if graft.rule in ("split", "auto"):  # auto: split filled in from measurements (pretrain/graft/auto_split.py)
+        return lambda layer: (
+            scales[0]
+            if layer == 0
+            else scales[min((layer - 1) // per_entry, len(scales) - 1)]
+            if layer <= depth
+            else scales[-1]
+        )
+    if graft.rule in (
+        "split",
+        "auto",
+    ):  # auto: split filled in from measurements (pretrain/graft/auto_split.py)
         return lambda layer: graft.lower_scale if layer <= graft.split else graft.upper_scale
     if graft.rule == "ramp":
         ratio = math.log(graft.upper_scale / graft.lower_scale)
-        return lambda layer: graft.lower_scale * math.exp(
-            ratio / (1 + math.exp(-(layer - graft.split - 0.5) / graft.ramp_width)))
+        return lambda layer: (
+            graft.lower_scale
+            * math.exp(ratio / (1 + math.exp(-(layer - graft.split - 0.5) / graft.ramp_width)))
+        )
     if graft.rule == "freeze":
         return lambda layer: 0.0 if layer <= graft.split else graft.upper_scale
     return lambda layer: 1.0
@@ -89,8 +100,10 @@ def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0
             param.requires_grad_(False)
             continue
         decay = weight_decay if uses_weight_decay(name, param, decay_exempt) else 0.0
-        group = groups.setdefault((scale, decay), {"params": [], "names": [], "weight_decay": decay,
-                                                   "lr_scale": scale, "layer_ids": set()})
+        group = groups.setdefault(
+            (scale, decay),
+            {"params": [], "names": [], "weight_decay": decay, "lr_scale": scale, "layer_ids": set()},
+        )
         group["params"].append(param)
         group["names"].append(name)
         group["layer_ids"].add(layer)
@@ -109,12 +122,16 @@ def layer_span(layer_ids):
 
 def format_param_groups(groups):
     """One line per group: layer ids, lr_scale, weight decay, parameter count."""
-    lines = [f"{'group':>5}  {'layer ids':<24}{'lr_scale':>10}{'weight_decay':>14}{'params':>14}{'tensors':>9}"]
+    lines = [
+        f"{'group':>5}  {'layer ids':<24}{'lr_scale':>10}{'weight_decay':>14}{'params':>14}{'tensors':>9}"
+    ]
     for index, group in enumerate(groups):
         span = layer_span(group["layer_ids"])
         count = sum(getattr(p, "ds_numel", p.numel()) for p in group["params"])
-        lines.append(f"{index:>5}  {span:<24}{group['lr_scale']:>10.4g}{group['weight_decay']:>14.4g}"
-                     f"{count:>14,}{len(group['params']):>9}")
+        lines.append(
+            f"{index:>5}  {span:<24}{group['lr_scale']:>10.4g}{group['weight_decay']:>14.4g}"
+            f"{count:>14,}{len(group['params']):>9}"
+        )
     return "\n".join(lines)
 
 
@@ -122,7 +139,10 @@ def objective_param_groups(objective, config):
     """The groups of a training run: the graft rule, or layer decay from config.optim (1.0 = every layer
     alike); weight-decay exemptions from optim.decay_exempt, or the method's recipe when it is empty."""
     depth = len(objective.encoder.blocks)
-    rule = graft_rule(config.graft, depth) if config.graft.rule != "none" else \
-        layer_decay_rule(depth, config.optim.layer_decay)
+    rule = (
+        graft_rule(config.graft, depth)
+        if config.graft.rule != "none"
+        else layer_decay_rule(depth, config.optim.layer_decay)
+    )
     exempt = config.optim.decay_exempt or objective.decay_exempt
     return param_groups(objective, depth, config.optim.weight_decay, rule, exempt)

@@ -1,6 +1,7 @@
 """The objective a run trains: its method's, started from graft.init's weights and pulled toward them
 when configured. The engine, lg-pretrain --print-param-groups and the linear probe's frozen-weight
 check all build it here, so they start from the same weights."""
+
 from pretrain.core.weights import load_encoder_weights
 from pretrain.graft.l1_pull import L1Pull
 from pretrain.graft.param_groups import layer_id
@@ -16,7 +17,10 @@ def grafted_objective(config) -> Objective:
         objective.on_encoder_loaded()
     if graft.l1_weight > 0:
         depth = len(objective.encoder.blocks)
-        pulled = [(name, p) for name, p in objective.named_parameters()
-                  if p.requires_grad and layer_id(name, depth) <= graft.l1_to_layer]
+        pulled = [
+            (name, p)
+            for name, p in objective.named_parameters()
+            if p.requires_grad and layer_id(name, depth) <= graft.l1_to_layer
+        ]
         objective.l1_pull = L1Pull(pulled, graft.l1_weight)
     return objective

@@ -1,5 +1,7 @@
-"""Self-supervised objectives, and supervised fine-tuning and linear probing. Each is an `Objective` built from the config;
+"""Self-supervised objectives, and supervised fine-tuning and linear probing. Each is an `Objective` built
+from the config;
 the engine knows no method."""
+
 from pretrain.methods.base import Objective
 from pretrain.methods.byol import BYOL
 from pretrain.methods.cmae import CMAE
@@ -13,9 +15,19 @@ from pretrain.methods.simclr import SimCLR
 from pretrain.methods.simmim import SimMIM
 from pretrain.methods.simsiam import SimSiam
 
-OBJECTIVES = {"mae": MAE, "mocov3": MoCoV3, "hybrid": Hybrid, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam,
-              "simmim": SimMIM, "cmae": CMAE, "conmim": ConMIM,
-              "finetune": FineTune, "linprobe": LinearProbe}
+OBJECTIVES = {
+    "mae": MAE,
+    "mocov3": MoCoV3,
+    "hybrid": Hybrid,
+    "simclr": SimCLR,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+    "simmim": SimMIM,
+    "cmae": CMAE,
+    "conmim": ConMIM,
+    "finetune": FineTune,
+    "linprobe": LinearProbe,
+}
 
 
 def build_objective(config) -> Objective:

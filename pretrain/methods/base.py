@@ -1,4 +1,5 @@
 """The interface between a method and the engine."""
+
 from torch import nn
 
 

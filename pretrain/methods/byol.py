@@ -1,6 +1,7 @@
 """BYOL (Grill et al., 2020): the online branch (encoder, projector, predictor) regresses the
 momentum target's projection of the other view with a normalized MSE; no negatives. The target
 (encoder + projector) is an EMA whose momentum rises from 0.996 to 1 on a cosine."""
+
 import torch
 
 from pretrain.data.views import Configured, two_views
@@ -36,4 +37,6 @@ class BYOL(MomentumObjective):
         with self.target.run(first, self.training) as target:
             z1, z2 = (target["projector"](target["encoder"](view)) for view in views)
         loss = cosine_regression(p1, z2) + cosine_regression(p2, z1)
-        return self.regularized({"loss": loss, "momentum": torch.tensor(self.target.momentum), **pair_metrics(h1, h2)})
+        return self.regularized(
+            {"loss": loss, "momentum": torch.tensor(self.target.momentum), **pair_metrics(h1, h2)}
+        )

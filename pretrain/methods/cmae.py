@@ -8,6 +8,7 @@ patch tokens goes through the momentum copy of the projector. L = L_r + lambda_c
 (tau 0.07) against the targets of the whole global batch. Settings follow ZhichengHuang/CMAE's
 ViT-B config (mask ratio 0.65, feature decoder 512 x 2, projector 768-1536-256).
 """
+
 from pretrain.data.views import Configured, cmae_view
 from pretrain.methods.mae import MAE, MAEDecoder
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
@@ -17,27 +18,63 @@ from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_b
 class CMAE(MomentumObjective):
     view = "cmae"
 
-    def __init__(self, encoder, mae, feature_dim=512, feature_depth=2, feature_heads=16, mlp_dim=1536, out_dim=256,
-                 temperature=0.07, momentum=0.996, contrast_weight=1.0):
+    def __init__(
+        self,
+        encoder,
+        mae,
+        feature_dim=512,
+        feature_depth=2,
+        feature_heads=16,
+        mlp_dim=1536,
+        out_dim=256,
+        temperature=0.07,
+        momentum=0.996,
+        contrast_weight=1.0,
+    ):
         super().__init__()
         self.encoder = encoder  # registered first, so parameters are named encoder.* (layer ids, export)
         self.mae = mae
-        self.feature_decoder = MAEDecoder(encoder.patch_embed.grid_size, encoder.embed_dim, feature_dim,
-                                          feature_depth, feature_heads, encoder.embed_dim)
+        self.feature_decoder = MAEDecoder(
+            encoder.patch_embed.grid_size,
+            encoder.embed_dim,
+            feature_dim,
+            feature_depth,
+            feature_heads,
+            encoder.embed_dim,
+        )
         self.projector = sync_batchnorm(mlp(2, encoder.embed_dim, mlp_dim, out_dim, last_bn=False))
         self.predictor = sync_batchnorm(mlp(2, out_dim, mlp_dim, out_dim, last_bn=False))
         self.temperature, self.contrast_weight = temperature, contrast_weight
-        self.target = MomentumBranch({"encoder": encoder, "projector": self.projector}, momentum, cosine=False)
+        self.target = MomentumBranch(
+            {"encoder": encoder, "projector": self.projector}, momentum, cosine=False
+        )
         use_encoder_tokens(self, encoder)  # forward runs MAE's encoder pass itself
 
     @classmethod
     def from_config(cls, config):
         m, a, c = config.model, config.mae, config.cmae
         encoder = encoder_for(config)
-        mae = MAE(encoder, a.mask_ratio, a.decoder_dim, a.decoder_depth, a.decoder_heads, a.norm_pix_loss,
-                  m.grad_checkpointing)
-        cmae = cls(encoder, mae, c.feature_decoder_dim, c.feature_decoder_depth, a.decoder_heads, c.mlp_dim,
-                   c.out_dim, c.temperature, c.momentum, c.contrast_weight)
+        mae = MAE(
+            encoder,
+            a.mask_ratio,
+            a.decoder_dim,
+            a.decoder_depth,
+            a.decoder_heads,
+            a.norm_pix_loss,
+            m.grad_checkpointing,
+        )
+        cmae = cls(
+            encoder,
+            mae,
+            c.feature_decoder_dim,
+            c.feature_decoder_depth,
+            a.decoder_heads,
+            c.mlp_dim,
+            c.out_dim,
+            c.temperature,
+            c.momentum,
+            c.contrast_weight,
+        )
         if m.grad_checkpointing:  # after the momentum copy: it runs without gradients
             enable_block_checkpointing(encoder.blocks)
         cmae.view = Configured(cmae_view, c.view)
@@ -45,7 +82,7 @@ class CMAE(MomentumObjective):
 
     def target_embedding(self, images):
         with self.target.run(images, self.training) as target:
-            tokens = target["encoder"].forward_features(images)[:, self.encoder.num_prefix_tokens:]
+            tokens = target["encoder"].forward_features(images)[:, self.encoder.num_prefix_tokens :]
             return target["projector"](tokens.mean(dim=1)).float()
 
     def forward(self, views):
@@ -56,9 +93,15 @@ class CMAE(MomentumObjective):
         prediction = self.predictor(self.projector(features))
         contrast, positive, negative = info_nce(prediction, self.target_embedding(shifted), self.temperature)
         loss = reconstruction + self.contrast_weight * contrast
-        return self.regularized({"loss": loss, "loss_reconstruction": reconstruction.detach(),
-                                 "loss_contrast": contrast.detach(), "logit_positive": positive,
-                                 "logit_negative": negative})
+        return self.regularized(
+            {
+                "loss": loss,
+                "loss_reconstruction": reconstruction.detach(),
+                "loss_contrast": contrast.detach(),
+                "logit_positive": positive,
+                "logit_negative": negative,
+            }
+        )
 
     def images_to_log(self, views):
         return self.mae.images_to_log(views[0])

@@ -6,6 +6,7 @@ image's K patch features from the slow encoder are a dictionary: every masked pa
 pick its own position among the K keys (InfoNCE over the image's patches, temperature tau). Only the
 slow encoder runs without gradient (the seed's pseudocode wraps the online pass in no_grad: a typo).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +20,15 @@ from pretrain.models import enable_block_checkpointing, encoder_for
 class ConMIM(MaskedPatches, MomentumObjective):
     view = "conmim"
 
-    def __init__(self, encoder, mask_ratio=0.75, mask_patch=32, temperature=0.1, momentum=0.996,
-                 grad_checkpointing=False):
+    def __init__(
+        self,
+        encoder,
+        mask_ratio=0.75,
+        mask_patch=32,
+        temperature=0.1,
+        momentum=0.996,
+        grad_checkpointing=False,
+    ):
         super().__init__(encoder, mask_ratio, mask_patch)
         self.head = nn.Linear(encoder.embed_dim, encoder.embed_dim)
         self.temperature = temperature
@@ -32,7 +40,9 @@ class ConMIM(MaskedPatches, MomentumObjective):
     def from_config(cls, config):
         m, c = config.model, config.conmim
         encoder = encoder_for(config)
-        conmim = cls(encoder, c.mask_ratio, c.mask_patch_size, c.temperature, c.momentum, m.grad_checkpointing)
+        conmim = cls(
+            encoder, c.mask_ratio, c.mask_patch_size, c.temperature, c.momentum, m.grad_checkpointing
+        )
         conmim.view = Configured(conmim_view, c.view)
         return conmim
 
@@ -41,7 +51,7 @@ class ConMIM(MaskedPatches, MomentumObjective):
         tokens, mask = self.masked_tokens(masked_view)
         queries = F.normalize(self.head(tokens).float(), dim=-1)
         with self.target.run(full_view, self.training) as target:
-            keys = target["encoder"].forward_features(full_view)[:, self.encoder.num_prefix_tokens:]
+            keys = target["encoder"].forward_features(full_view)[:, self.encoder.num_prefix_tokens :]
         keys = F.normalize(keys.float(), dim=-1)
         logits = torch.einsum("bjd,bkd->bjk", queries, keys) / self.temperature  # per image: K x K
         positions = torch.arange(logits.shape[1], device=logits.device).expand(len(logits), -1)

@@ -7,7 +7,8 @@ of the patch tokens through `fc_norm`, no final `norm`; MAE's models_vit), `pool
 after the final norm. The starting weights come through graft.init; the head and `fc_norm` start fresh
 (the head at N(0, 2e-5)), and a pretrained `norm` is not used by the global-pool model, as in MAE's
 main_finetune. The whole model trains, the position embedding included, with stochastic depth
-(model.drop_path) and layer-wise lr decay (optim.layer_decay, applied by pretrain.graft.param_groups like every
+(model.drop_path) and layer-wise lr decay (optim.layer_decay, applied by pretrain.graft.param_groups like
+every
 other lr rule).
 
 Augmentation and loss are the pieces MAE itself takes from timm, used here as they are:
@@ -21,6 +22,7 @@ Augmentation and loss are the pieces MAE itself takes from timm, used here as th
 * optionally an EMA of the weights (finetune.ema_decay, timm's ModelEmaV3), measured beside them.
 Small or symmetric-sensitive images, such as the demo's digits, need milder settings (its config says why).
 """
+
 import functools
 
 import torch
@@ -52,29 +54,67 @@ class FineTune(Objective):
     scored_on_val = True
     fresh_weights = ("head.", "fc_norm.")  # not taken from graft.init: they start at their own init
 
-    def __init__(self, classifier_args, label_smoothing=0.1, augmentation=None, random_erasing=0.0, mixup=0.0,
-                 cutmix=0.0, mix_switch_prob=0.5, ema_decay=0.0):
+    def __init__(
+        self,
+        classifier_args,
+        label_smoothing=0.1,
+        augmentation=None,
+        random_erasing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        mix_switch_prob=0.5,
+        ema_decay=0.0,
+    ):
         super().__init__()
         self.view = functools.partial(finetune_view, **(augmentation or {}))
         self.classifier_args, self.label_smoothing = classifier_args, label_smoothing
         self.encoder = self.make_classifier()
         num_classes = classifier_args["num_classes"]
-        self.erase = RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu") if random_erasing else None
-        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=mix_switch_prob, mode="batch",
-                         label_smoothing=label_smoothing, num_classes=num_classes) if mixup or cutmix else None
+        self.erase = (
+            RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu") if random_erasing else None
+        )
+        self.mix = (
+            Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                switch_prob=mix_switch_prob,
+                mode="batch",
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if mixup or cutmix
+            else None
+        )
         self.ema_decay = ema_decay
-        self.__dict__["ema"] = None  # a timm ModelEmaV3 outside the module tree: not trained, not in the engine
+        self.__dict__["ema"] = (
+            None  # a timm ModelEmaV3 outside the module tree: not trained, not in the engine
+        )
 
     @classmethod
     def from_config(cls, config):
         c, m = config.finetune, config.model
-        classifier_args = dict(arch=m.arch, img_size=config.data.img_size, patch_size=m.patch,
-                               num_classes=num_classes_of(config), pool=c.pool, drop_path=m.drop_path,
-                               grad_checkpointing=m.grad_checkpointing)
-        augmentation = dict(min_scale=c.min_scale, flip=c.flip, rand_augment=c.rand_augment,
-                            interpolation=c.interpolation)
-        return cls(classifier_args, c.label_smoothing, augmentation, c.random_erasing, c.mixup, c.cutmix,
-                   c.mix_switch_prob, c.ema_decay)
+        classifier_args = dict(
+            arch=m.arch,
+            img_size=config.data.img_size,
+            patch_size=m.patch,
+            num_classes=num_classes_of(config),
+            pool=c.pool,
+            drop_path=m.drop_path,
+            grad_checkpointing=m.grad_checkpointing,
+        )
+        augmentation = dict(
+            min_scale=c.min_scale, flip=c.flip, rand_augment=c.rand_augment, interpolation=c.interpolation
+        )
+        return cls(
+            classifier_args,
+            c.label_smoothing,
+            augmentation,
+            c.random_erasing,
+            c.mixup,
+            c.cutmix,
+            c.mix_switch_prob,
+            c.ema_decay,
+        )
 
     def make_classifier(self):
         """A new module of this model's structure (the model, and copies that measure its weights)."""

@@ -12,6 +12,7 @@ conflict. `block_gradient_cosines` measures it on the current batch:
 * each rank's gradients are summed over ranks before the cosine, which is then the cosine of the
   gradients of the global batch (a sum of per-rank cosines would not be).
 """
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -27,22 +28,28 @@ def block_gradient_cosines(loss_a, loss_b, blocks):
     sums = []
     for loss in (loss_a, loss_b):
         grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
-        vector = torch.cat([g.float().flatten() if g is not None else torch.zeros(_numel(p), device=loss.device)
-                            for g, p in zip(grads, flat)])
+        vector = torch.cat(
+            [
+                g.float().flatten() if g is not None else torch.zeros(_numel(p), device=loss.device)
+                for g, p in zip(grads, flat)
+            ]
+        )
         if is_distributed():
             dist.all_reduce(vector)
         sums.append(vector)
     cosines, start = [], 0
     for block in params:
         size = sum(_numel(p) for p in block)
-        a, b = sums[0][start:start + size], sums[1][start:start + size]
+        a, b = sums[0][start : start + size], sums[1][start : start + size]
         cosines.append(float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30)))
         start += size
     return cosines
 
 
 def _numel(param):
-    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()  # ZeRO-3 empties partitioned params
+    return (
+        param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+    )  # ZeRO-3 empties partitioned params
 
 
 def plot_cosines(cosines, width=320, height=160, split=None):
@@ -54,8 +61,10 @@ def plot_cosines(cosines, width=320, height=160, split=None):
     draw.line([(0, middle), (width, middle)], fill="gray")
     for index, value in enumerate(cosines):
         top = middle - value * (middle - 4)
-        draw.rectangle([index * bar + 2, min(top, middle), (index + 1) * bar - 2, max(top, middle)],
-                       fill=(40, 110, 200) if value >= 0 else (220, 80, 60))
+        draw.rectangle(
+            [index * bar + 2, min(top, middle), (index + 1) * bar - 2, max(top, middle)],
+            fill=(40, 110, 200) if value >= 0 else (220, 80, 60),
+        )
     if split is not None:
         draw.line([(split * bar, 0), (split * bar, height)], fill="black", width=2)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)

@@ -4,6 +4,7 @@ A composition, not a copy: an MAE and a MoCo v3 objective built around the same 
 step sees an MAE view (masked branch) and MoCo's two BYOL views of every image. Seed 001 finds that the
 two gradients conflict in the higher blocks; `diagnostics` measures the per-block cosine between them.
 """
+
 import torch
 
 from pretrain.data.views import Configured, hybrid_view
@@ -26,10 +27,24 @@ class Hybrid(Objective):
     def from_config(cls, config):
         m, a, c = config.model, config.mae, config.moco
         encoder = encoder_for(config)
-        mae = MAE(encoder, a.mask_ratio, a.decoder_dim, a.decoder_depth, a.decoder_heads, a.norm_pix_loss,
-                  m.grad_checkpointing)  # initializes the shared encoder, MAE's way
-        moco = MoCoV3(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
-                      m.grad_checkpointing)  # copies it into the momentum branch
+        mae = MAE(
+            encoder,
+            a.mask_ratio,
+            a.decoder_dim,
+            a.decoder_depth,
+            a.decoder_heads,
+            a.norm_pix_loss,
+            m.grad_checkpointing,
+        )  # initializes the shared encoder, MAE's way
+        moco = MoCoV3(
+            encoder,
+            c.mlp_dim,
+            c.out_dim,
+            c.temperature,
+            c.momentum,
+            c.freeze_patch_embed,
+            m.grad_checkpointing,
+        )  # copies it into the momentum branch
         hybrid = cls(encoder, mae, moco, config.hybrid.weight)
         hybrid.view = Configured(hybrid_view, a.view, c.view1, c.view2)
         return hybrid
@@ -41,8 +56,14 @@ class Hybrid(Objective):
     def forward(self, views):
         mim, cl = self.losses(views)
         loss = (1 - self.weight) * mim["loss"] + self.weight * cl["loss"]
-        return self.regularized({"loss": loss, "loss_mim": mim["loss"].detach(), "loss_cl": cl["loss"].detach(),
-                                 **{k: v for k, v in cl.items() if k != "loss"}})
+        return self.regularized(
+            {
+                "loss": loss,
+                "loss_mim": mim["loss"].detach(),
+                "loss_cl": cl["loss"].detach(),
+                **{k: v for k, v in cl.items() if k != "loss"},
+            }
+        )
 
     def diagnostics(self, views):
         """Per-block cosine between the gradients of the MIM and the CL loss (all ranks must call it)."""

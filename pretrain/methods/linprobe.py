@@ -18,6 +18,7 @@ the frozen encoder runs under bf16 autocast (MAE's linear probe runs under AMP);
 The result, classifier.pth, is a plain timm state_dict: the BatchNorm (in eval mode an affine map) is
 folded into the LayerNorm before the head (`classifier_state`).
 """
+
 import functools
 
 import timm
@@ -51,7 +52,9 @@ class LinearProbe(Objective):
         linear = classifier.head
         if protocol == "mae":
             timm.layers.trunc_normal_(linear.weight, std=0.01)
-            classifier.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+            classifier.head = nn.Sequential(
+                nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear
+            )
         else:
             nn.init.normal_(linear.weight, std=0.01)
         nn.init.zeros_(linear.bias)
@@ -60,8 +63,13 @@ class LinearProbe(Objective):
     @classmethod
     def from_config(cls, config):
         c, m = config.finetune, config.model
-        classifier_args = dict(arch=m.arch, img_size=config.data.img_size, patch_size=m.patch,
-                               num_classes=num_classes_of(config), pool=c.pool)
+        classifier_args = dict(
+            arch=m.arch,
+            img_size=config.data.img_size,
+            patch_size=m.patch,
+            num_classes=num_classes_of(config),
+            pool=c.pool,
+        )
         augmentation = dict(min_scale=c.min_scale, flip=c.flip, interpolation=c.interpolation)
         return cls(classifier_args, config.linprobe.protocol, augmentation)
 
@@ -101,7 +109,10 @@ class LinearProbe(Objective):
             return dict(state)
         norm = "fc_norm" if "fc_norm.weight" in state else "norm"
         folded = {k: v for k, v in state.items() if not k.startswith("head.")}
-        mean, std = state["head.0.running_mean"].double(), torch.sqrt(state["head.0.running_var"].double() + 1e-6)
+        mean, std = (
+            state["head.0.running_mean"].double(),
+            torch.sqrt(state["head.0.running_var"].double() + 1e-6),
+        )
         folded[f"{norm}.weight"] = (state[f"{norm}.weight"].double() / std).float()
         folded[f"{norm}.bias"] = ((state[f"{norm}.bias"].double() - mean) / std).float()
         folded["head.weight"], folded["head.bias"] = state["head.1.weight"], state["head.1.bias"]

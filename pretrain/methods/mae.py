@@ -5,6 +5,7 @@ encoded patches plus a shared mask token at every masked position, with fixed 2-
 and predicts the pixels of every patch. The loss is the MSE on the masked patches, against per-patch
 normalized pixels with `norm_pix_loss`. Follows facebookresearch/mae's models_mae.py.
 """
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -44,7 +45,9 @@ class MAEDecoder(nn.Module):
         super().__init__()
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1] + 1, dim), requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, grid_size[0] * grid_size[1] + 1, dim), requires_grad=False
+        )
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
@@ -65,14 +68,28 @@ class MAE(Objective):
     view = "mae"
     decay_exempt = "1d"  # main_pretrain.py: timm's add_weight_decay spares 1-D parameters only (tokens decay)
 
-    def __init__(self, encoder, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                 norm_pix_loss=True, grad_checkpointing=False):
+    def __init__(
+        self,
+        encoder,
+        mask_ratio=0.75,
+        decoder_dim=512,
+        decoder_depth=8,
+        decoder_heads=16,
+        norm_pix_loss=True,
+        grad_checkpointing=False,
+    ):
         super().__init__()
         self.encoder = encoder
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch_size = encoder.patch_embed.patch_size[0]
-        self.decoder = MAEDecoder(encoder.patch_embed.grid_size, encoder.embed_dim, decoder_dim, decoder_depth,
-                                  decoder_heads, self.patch_size ** 2 * 3)
+        self.decoder = MAEDecoder(
+            encoder.patch_embed.grid_size,
+            encoder.embed_dim,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            self.patch_size**2 * 3,
+        )
         init_mae_weights(self)
         use_encoder_tokens(self, encoder)
         if grad_checkpointing:
@@ -83,8 +100,15 @@ class MAE(Objective):
         m = config.model
         encoder = encoder_for(config, m.grad_checkpointing)
         c = config.mae
-        mae = cls(encoder, c.mask_ratio, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.norm_pix_loss,
-                  m.grad_checkpointing)
+        mae = cls(
+            encoder,
+            c.mask_ratio,
+            c.decoder_dim,
+            c.decoder_depth,
+            c.decoder_heads,
+            c.norm_pix_loss,
+            m.grad_checkpointing,
+        )
         mae.view = Configured(single_view, c.view)
         return mae
 
@@ -102,7 +126,7 @@ class MAE(Objective):
 
     def forward_encoder(self, images):
         enc = self.encoder
-        x = enc.patch_embed(images) + enc.pos_embed[:, enc.num_prefix_tokens:]
+        x = enc.patch_embed(images) + enc.pos_embed[:, enc.num_prefix_tokens :]
         x, mask, ids_restore = self.random_masking(x)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = enc.blocks(enc.norm_pre(torch.cat([cls, x], dim=1)))
@@ -131,14 +155,17 @@ class MAE(Objective):
 
     @torch.no_grad()
     def images_to_log(self, images, count=4):
-        """Input, masked input and reconstruction (visible patches pasted back) of `count` images, in [0, 1]."""
+        """Input, masked input and reconstruction (visible patches pasted back) of `count` images, in [0,
+        1]."""
         return self(images[:count], visualize=True)
 
     def reconstruction_grid(self, images, pred, mask):
         if self.norm_pix_loss:  # undo the per-patch normalization with the input's own statistics
             patches = patchify(images.float(), self.patch_size)
-            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-        mask_pixels = unpatchify(mask[..., None].expand(-1, -1, self.patch_size ** 2 * 3), self.patch_size)
+            pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(
+                dim=-1, keepdim=True
+            )
+        mask_pixels = unpatchify(mask[..., None].expand(-1, -1, self.patch_size**2 * 3), self.patch_size)
         reconstruction = unpatchify(pred, self.patch_size)
         original = images.float()
         pasted = original * (1 - mask_pixels) + reconstruction * mask_pixels

@@ -6,6 +6,7 @@ from every rank without gradient), temperature tau, scaled by 2 tau, symmetrized
 momentum encoder follows the online one with a momentum that rises from 0.99 to 1 on a cosine.
 Follows facebookresearch/moco-v3's moco/builder.py.
 """
+
 import torch
 
 from pretrain.data.views import Configured, two_views
@@ -18,8 +19,16 @@ class MoCoV3(MomentumObjective):
     view = "byol"
     decay_exempt = "none"  # main_moco.py: AdamW(model.parameters(), weight_decay=0.1) decays everything
 
-    def __init__(self, encoder, mlp_dim=4096, out_dim=256, temperature=0.2, momentum=0.99,
-                 freeze_patch_embed=True, grad_checkpointing=False):
+    def __init__(
+        self,
+        encoder,
+        mlp_dim=4096,
+        out_dim=256,
+        temperature=0.2,
+        momentum=0.99,
+        freeze_patch_embed=True,
+        grad_checkpointing=False,
+    ):
         super().__init__()
         self.encoder = encoder
         self.projector = sync_batchnorm(mlp(3, encoder.embed_dim, mlp_dim, out_dim))
@@ -37,8 +46,15 @@ class MoCoV3(MomentumObjective):
     def from_config(cls, config):
         m, c = config.model, config.moco
         encoder = encoder_for(config)
-        moco = cls(encoder, c.mlp_dim, c.out_dim, c.temperature, c.momentum, c.freeze_patch_embed,
-                   m.grad_checkpointing)
+        moco = cls(
+            encoder,
+            c.mlp_dim,
+            c.out_dim,
+            c.temperature,
+            c.momentum,
+            c.freeze_patch_embed,
+            m.grad_checkpointing,
+        )
         moco.view = Configured(two_views, c.view1, c.view2)
         return moco
 
@@ -53,6 +69,12 @@ class MoCoV3(MomentumObjective):
         k1, k2 = self.keys(first), self.keys(second)
         loss_12, pos_12, neg_12 = info_nce(q1, k2, self.temperature)
         loss_21, pos_21, neg_21 = info_nce(q2, k1, self.temperature)
-        return self.regularized({"loss": (loss_12 + loss_21) * 2 * self.temperature,
-                                 "logit_positive": (pos_12 + pos_21) / 2, "logit_negative": (neg_12 + neg_21) / 2,
-                                 "momentum": torch.tensor(self.target.momentum), **pair_metrics(h1, h2)})
+        return self.regularized(
+            {
+                "loss": (loss_12 + loss_21) * 2 * self.temperature,
+                "logit_positive": (pos_12 + pos_21) / 2,
+                "logit_negative": (neg_12 + neg_21) / 2,
+                "momentum": torch.tensor(self.target.momentum),
+                **pair_metrics(h1, h2),
+            }
+        )

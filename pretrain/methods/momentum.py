@@ -5,6 +5,7 @@ bf16/fp16, where an update of (1 - m) ~ 1e-3 of a weight is below the format's r
 and ZeRO-3 would partition it. Its update reads the online weights under
 `deepspeed.zero.GatheredParameters` when ZeRO-3 has partitioned them.
 """
+
 import contextlib
 import copy
 import math
@@ -24,8 +25,10 @@ class MomentumBranch:
 
     def __init__(self, modules, base_momentum, cosine=True):
         if any("forward" in vars(module) for online in modules.values() for module in online.modules()):
-            raise ValueError("create the momentum branch before enabling block checkpointing (a copy would "
-                             "keep calling the online blocks)")
+            raise ValueError(
+                "create the momentum branch before enabling block checkpointing (a copy would "
+                "keep calling the online blocks)"
+            )
         self.online = dict(modules)
         self.branch = copy.deepcopy(nn.ModuleDict(modules)).requires_grad_(False)
         self.base_momentum = self.momentum = base_momentum
@@ -38,8 +41,10 @@ class MomentumBranch:
         if next(self.branch.parameters()).device != images.device:
             self.branch.to(images.device)
         self.branch.train(training)
-        with torch.no_grad(), torch.autocast(images.device.type, dtype=images.dtype,
-                                             enabled=images.dtype != torch.float32):
+        with (
+            torch.no_grad(),
+            torch.autocast(images.device.type, dtype=images.dtype, enabled=images.dtype != torch.float32),
+        ):
             yield self.branch
 
     @torch.no_grad()
@@ -53,8 +58,9 @@ class MomentumBranch:
             if targets[0].device != online[0].device:
                 self.branch.to(online[0].device)
             torch._foreach_mul_(targets, self.momentum)
-            torch._foreach_add_(targets, [p.detach().to(t.dtype) for p, t in zip(online, targets)],
-                                alpha=1 - self.momentum)
+            torch._foreach_add_(
+                targets, [p.detach().to(t.dtype) for p, t in zip(online, targets)], alpha=1 - self.momentum
+            )
 
     def copy_online(self, name):
         """Start `name` over from the online weights (grafting loaded new ones into them)."""

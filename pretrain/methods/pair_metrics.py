@@ -12,6 +12,7 @@ Measured on the encoder's output (what kNN and linear probes see), L2-normalized
 * `repr/std`: per-dimension standard deviation across the batch, averaged (0 at collapse, about
   1 / sqrt(dim) for features spread in every direction).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -25,5 +26,9 @@ def pair_metrics(first, second):
     alignment = (a - b).pow(2).sum(dim=1).mean()
     distances = torch.pdist(a).pow(2) if n > 1 else torch.zeros(1, device=a.device)
     uniformity = distances.mul(-2).exp().mean().log()
-    return {"repr/pair_top1": top1, "repr/alignment": alignment, "repr/uniformity": uniformity,
-            "repr/std": a.std(dim=0).mean() if n > 1 else torch.zeros((), device=a.device)}
+    return {
+        "repr/pair_top1": top1,
+        "repr/alignment": alignment,
+        "repr/uniformity": uniformity,
+        "repr/std": a.std(dim=0).mean() if n > 1 else torch.zeros((), device=a.device),
+    }

@@ -5,6 +5,7 @@ its image, its negatives the other 2N - 2 views of the whole global batch. The p
 gathered from every rank *with* gradient (`all_gather_with_grad`), so every view is a negative for
 every other with its gradient, as in a single-process batch of the global size.
 """
+
 import torch
 import torch.nn.functional as F
 

@@ -5,6 +5,7 @@ position, a learned mask token in place of each masked patch embedding; one line
 pixels of every patch (SimMIM's 1x1 convolution + pixel shuffle at the patch stride); L1 loss on the
 masked pixels. Follows microsoft/SimMIM's simmim.py.
 """
+
 import torch
 from torch import nn
 
@@ -28,18 +29,22 @@ class MaskedPatches(Objective):
         self.encoder = encoder
         self.patch_size = encoder.patch_embed.patch_size[0]
         if mask_patch % self.patch_size:
-            raise ValueError(f"mask_patch_size {mask_patch} must be a multiple of the patch size {self.patch_size}")
+            raise ValueError(
+                f"mask_patch_size {mask_patch} must be a multiple of the patch size {self.patch_size}"
+            )
         self.mask_ratio, self.mask_patch = mask_ratio, mask_patch // self.patch_size  # in tokens
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         use_encoder_tokens(self, encoder)
 
     def masked_tokens(self, images):
-        """The encoder's patch tokens (class token dropped) for `images` with random squares masked, and the mask."""
-        mask = block_mask(len(images), self.encoder.patch_embed.grid_size, self.mask_patch, self.mask_ratio,
-                          images.device)
+        """The encoder's patch tokens (class token dropped) for `images` with random squares masked, and
+        the mask."""
+        mask = block_mask(
+            len(images), self.encoder.patch_embed.grid_size, self.mask_patch, self.mask_ratio, images.device
+        )
         tokens = encode_with_mask_tokens(self.encoder, images, mask, self.mask_token)
-        return tokens[:, self.encoder.num_prefix_tokens:], mask
+        return tokens[:, self.encoder.num_prefix_tokens :], mask
 
 
 class SimMIM(MaskedPatches):
@@ -47,7 +52,7 @@ class SimMIM(MaskedPatches):
 
     def __init__(self, encoder, mask_ratio=0.6, mask_patch=32, grad_checkpointing=False):
         super().__init__(encoder, mask_ratio, mask_patch)
-        self.head = nn.Linear(encoder.embed_dim, self.patch_size ** 2 * 3)
+        self.head = nn.Linear(encoder.embed_dim, self.patch_size**2 * 3)
         if grad_checkpointing:
             enable_block_checkpointing(encoder.blocks)
 

@@ -1,6 +1,7 @@
 """SimSiam (Chen and He, 2021): a predictor regresses the other view's projection, stop-gradient on
 the target; no negatives, no momentum encoder. Loss D(p1, z2)/2 + D(p2, z1)/2 with D the negative
 cosine: the stop-gradient is what keeps it from collapsing. Follows facebookresearch/simsiam's builder."""
+
 import torch.nn.functional as F
 
 from pretrain.data.views import Configured, two_views
@@ -37,6 +38,7 @@ class SimSiam(Objective):
         z1, z2 = self.projector(h1), self.projector(h2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
-        # Collapse shows as the per-dimension std of the normalized output going to 0 (1/sqrt(dim) if healthy).
+        # Collapse shows as the per-dimension std of the normalized output going to 0 (1/sqrt(dim) if
+        # healthy).
         spread = F.normalize(z1.detach().float(), dim=1).std(dim=0).mean()
         return self.regularized({"loss": loss, "output_std": spread, **pair_metrics(h1, h2)})

@@ -3,10 +3,12 @@
 One optimizer step = `grad_accum` micro-batches per rank. Everything random in a step (masking, drop
 path, mixing) is seeded from (seed, rank, step), and the loader's batches are a function of (seed,
 epoch, rank, step), so a run resumed from a checkpoint continues exactly as it would have without the
-interruption. The optimizer is a client one (pretrain.training.optimizers: torch's AdamW by default; DeepSpeed's
+interruption. The optimizer is a client one (pretrain.training.optimizers: torch's AdamW by default;
+DeepSpeed's
 fused/CPU Adam differ by ~1e-6 after a resume) and the schedule a client LambdaLR, which keeps each
 group's lr_scale (DeepSpeed's WarmupLR sets every group to one learning rate).
 """
+
 import json
 import logging
 import random
@@ -42,18 +44,44 @@ from pretrain.training.schedules import cosine_lr_factor
 log = logging.getLogger("lg-pretrain")
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-        "min_loss_scale": 1}
-# What the loader counts (pretrain.data.loader): samples replaced, samples lost with their shards, shards skipped.
+FP16 = {
+    "enabled": True,
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+# What the loader counts (pretrain.data.loader): samples replaced, samples lost with their shards, shards
+# skipped.
 DATA_COUNTS = ("bad_samples", "lost_samples", "skipped_shards")
 # Settings that may change between a run and its resumption (they change nothing the run computes, or
 # are the recovery tools); any other difference is refused. data.num_workers is not one: each worker
 # draws its own shards.
-RESUMABLE_CHANGES = ("run.log_every", "run.image_every", "run.save_every", "run.keep_last", "run.max_steps",
-                     "run.knn_every", "run.knn_pool", "data.knn_train", "data.knn_val", "data.knn_per_class",
-                     "run.collective_timeout", "run.resume_tag", "run.skip_batches", "run.lr_factor",
-                     "run.loss_spike", "run.grad_norm_spike", "data.max_bad_shards", "data.verify_shards",
-                     "data.url_retries", "finetune.allow_partial", "finetune.eval_every", "finetune.keep_best")
+RESUMABLE_CHANGES = (
+    "run.log_every",
+    "run.image_every",
+    "run.save_every",
+    "run.keep_last",
+    "run.max_steps",
+    "run.knn_every",
+    "run.knn_pool",
+    "data.knn_train",
+    "data.knn_val",
+    "data.knn_per_class",
+    "run.collective_timeout",
+    "run.resume_tag",
+    "run.skip_batches",
+    "run.lr_factor",
+    "run.loss_spike",
+    "run.grad_norm_spike",
+    "data.max_bad_shards",
+    "data.verify_shards",
+    "data.url_retries",
+    "finetune.allow_partial",
+    "finetune.eval_every",
+    "finetune.keep_best",
+)
 # Where things are, not what they hold: a run directory, data set or DeepSpeed file may move. What they
 # hold is compared instead: the data's shards (SHA-256 and sample counts), the effective DeepSpeed config.
 # graft.init's weights are read again on resume (the L1 pull's anchor), not compared.
@@ -83,26 +111,41 @@ def deepspeed_config(config, world):
     d = config.deepspeed
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
-        raise UserError(f"deepspeed.precision=fp16 is not supported by DeepSpeed's {get_accelerator().device_name()} "
-                        "accelerator; use bf16 or fp32 here")
+        raise UserError(
+            f"deepspeed.precision=fp16 is not supported by DeepSpeed's {get_accelerator().device_name()} "
+            "accelerator; use bf16 or fp32 here"
+        )
     if config.graft.l1_weight > 0 and stage == 3:
         raise UserError("graft.l1_weight needs whole parameters on every rank; use ZeRO stage <= 2 with it")
     if d.precision == "bf16" and stage == 0:
-        raise UserError("bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
-                        "from fp32; use ds_configs/zero1.json or higher for bf16")
+        raise UserError(
+            "bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
+            "from fp32; use ds_configs/zero1.json or higher for bf16"
+        )
     if config.optim.optimizer == "lars" and stage > 0:
-        raise UserError(f"optim.optimizer=lars needs whole parameters (its trust ratio is per parameter, and ZeRO "
-                        f"stage {stage} flattens each group into one tensor per rank); use ds_configs/zero0.json")
+        raise UserError(
+            f"optim.optimizer=lars needs whole parameters (its trust ratio is per parameter, and ZeRO "
+            f"stage {stage} flattens each group into one tensor per rank); use ds_configs/zero0.json"
+        )
     if config.finetune.ema_decay and stage == 3 and config.method == "finetune":
-        raise UserError("finetune.ema_decay needs whole parameters on every rank; use ZeRO stage <= 2 with it")
+        raise UserError(
+            "finetune.ema_decay needs whole parameters on every rank; use ZeRO stage <= 2 with it"
+        )
     if config.method == "linprobe" and d.precision != "fp32":
-        raise UserError(f"method linprobe keeps the frozen encoder's weights as they are, which deepspeed.precision="
-                        f"{d.precision} would round; use fp32 (on CUDA the encoder runs under bf16 autocast)")
+        raise UserError(
+            f"method linprobe keeps the frozen encoder's weights as they are, which deepspeed.precision="
+            f"{d.precision} would round; use fp32 (on CUDA the encoder runs under bf16 autocast)"
+        )
     if config.optim.optimizer != "adamw" and stage > 0:
         ds["zero_allow_untested_optimizer"] = True  # SGD is elementwise: ZeRO's partitions change nothing
-    ds.update(train_micro_batch_size_per_gpu=d.micro_batch_size, gradient_accumulation_steps=d.grad_accum,
-              train_batch_size=d.micro_batch_size * d.grad_accum * world, gradient_clipping=config.optim.clip_grad,
-              steps_per_print=10 ** 12, wall_clock_breakdown=False)
+    ds.update(
+        train_micro_batch_size_per_gpu=d.micro_batch_size,
+        gradient_accumulation_steps=d.grad_accum,
+        train_batch_size=d.micro_batch_size * d.grad_accum * world,
+        gradient_clipping=config.optim.clip_grad,
+        steps_per_print=10**12,
+        wall_clock_breakdown=False,
+    )
     if d.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif d.precision == "fp16":
@@ -114,34 +157,50 @@ def check_resumable(saved, config, world, data=None, ds_config=None, steps_per_e
     """Refuse (UserError) a resumption that would not continue the run exactly; `saved` is the checkpoint's
     run state, the rest is this run's (data_fingerprint, effective DeepSpeed config, steps per epoch)."""
     if saved["world_size"] != world:
-        raise UserError(f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
-                        "resume with the same world size (ZeRO partitions are per rank)")
+        raise UserError(
+            f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
+            "resume with the same world size (ZeRO partitions are per rank)"
+        )
     current, before = _flatten(to_dict(config)), _flatten(saved["config"])
     # A key the checkpoint does not know was added to the config later: it changes nothing at its default.
     before = {**{k: v for k, v in _flatten(to_dict(Config())).items() if k not in before}, **before}
     # Checkpoints written before the data and the DeepSpeed config were recorded compare their locations.
-    ignored = RESUMABLE_CHANGES + tuple(k for k in LOCATIONS if not (k == "data.train" and "data" not in saved)
-                                        and not (k == "deepspeed.config" and "ds_config" not in saved))
+    ignored = RESUMABLE_CHANGES + tuple(
+        k
+        for k in LOCATIONS
+        if not (k == "data.train" and "data" not in saved)
+        and not (k == "deepspeed.config" and "ds_config" not in saved)
+    )
     changed = [k for k in sorted(current) if current[k] != before.get(k, current[k]) and k not in ignored]
     if changed:
         details = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
-        raise UserError(f"the config differs from the checkpoint's ({details}); the run would not continue as "
-                        "it began. Undo the change, or use a new run.dir to start over")
+        raise UserError(
+            f"the config differs from the checkpoint's ({details}); the run would not continue as "
+            "it began. Undo the change, or use a new run.dir to start over"
+        )
     if data is not None and saved.get("data") not in (None, data):
-        raise UserError(f"data.train {config.data.train} holds other shards than the run was trained on "
-                        f"({len(data)} shards of {sum(n for _, n in data)} samples; the checkpoint's: "
-                        f"{len(saved['data'])} of {sum(n for _, n in saved['data'])}), so the run would not "
-                        "continue as it began; give the run's own data (it may have moved), or a new run.dir")
+        raise UserError(
+            f"data.train {config.data.train} holds other shards than the run was trained on "
+            f"({len(data)} shards of {sum(n for _, n in data)} samples; the checkpoint's: "
+            f"{len(saved['data'])} of {sum(n for _, n in saved['data'])}), so the run would not "
+            "continue as it began; give the run's own data (it may have moved), or a new run.dir"
+        )
     if steps_per_epoch is not None and saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise UserError(f"an epoch is {steps_per_epoch} steps now and was {saved['steps_per_epoch']} in the "
-                        "checkpoint: the learning-rate schedule would change; resume with the same data and batch")
-    current_ds = None if ds_config is None else json.loads(json.dumps(ds_config))  # as the checkpoint holds it
+        raise UserError(
+            f"an epoch is {steps_per_epoch} steps now and was {saved['steps_per_epoch']} in the "
+            "checkpoint: the learning-rate schedule would change; resume with the same data and batch"
+        )
+    current_ds = (
+        None if ds_config is None else json.loads(json.dumps(ds_config))
+    )  # as the checkpoint holds it
     if current_ds is not None and saved.get("ds_config") not in (None, current_ds):
         before_ds, now_ds = _flatten(saved["ds_config"]), _flatten(current_ds)
         keys = sorted(k for k in set(before_ds) | set(now_ds) if before_ds.get(k) != now_ds.get(k))
         details = ", ".join(f"{k}: {before_ds.get(k)!r} -> {now_ds.get(k)!r}" for k in keys[:6])
-        raise UserError(f"the effective DeepSpeed config ({config.deepspeed.config} and deepspeed.*) differs from the "
-                        f"checkpoint's ({details}); undo the change, or use a new run.dir")
+        raise UserError(
+            f"the effective DeepSpeed config ({config.deepspeed.config} and deepspeed.*) differs from the "
+            f"checkpoint's ({details}); undo the change, or use a new run.dir"
+        )
 
 
 def _flatten(tree, prefix=""):
@@ -159,7 +218,7 @@ def seed_step(seed):
     Python's and NumPy's (timm's Mixup and RandomErasing draw their parameters there)."""
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
 
 
 def match_batchnorm_statistics(module, dtype):
@@ -167,7 +226,11 @@ def match_batchnorm_statistics(module, dtype):
     running statistics of different dtypes. The heads' BatchNorms only ever run in training mode, so their
     running statistics are never read: casting them costs nothing."""
     for child in module.modules():
-        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and child.affine and child.track_running_stats:
+        if (
+            isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+            and child.affine
+            and child.track_running_stats
+        ):
             child.running_mean.data = child.running_mean.data.to(dtype)
             child.running_var.data = child.running_var.data.to(dtype)
 
@@ -233,35 +296,69 @@ def _train_locked(config, stop):
     layers_of_scale = {}  # TensorBoard logs one learning rate per lr_scale, named by its layers
     for g in groups:
         layers_of_scale.setdefault(g["lr_scale"], set()).update(g["layer_ids"])
-    optimizer = make_optimizer([{"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"],
-                                 "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]]))} for g in groups],
-                               lr, config.optim)
+    optimizer = make_optimizer(
+        [
+            {
+                "params": g["params"],
+                "weight_decay": g["weight_decay"],
+                "lr_scale": g["lr_scale"],
+                "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]])),
+            }
+            for g in groups
+        ],
+        lr,
+        config.optim,
+    )
 
     manifest = Manifest.load(config.data.train)
     steps_per_epoch = max(1, manifest.num_samples // global_batch)
-    loader = make_loader(manifest, d.micro_batch_size, view=objective.view, img_size=config.data.img_size,
-                         mode="resampled", num_workers=config.data.num_workers, seed=config.run.seed,
-                         shuffle_buffer=config.data.shuffle_buffer, steps_per_epoch=steps_per_epoch * d.grad_accum,
-                         pin_memory=torch.cuda.is_available(), max_bad_shards=config.data.max_bad_shards,
-                         verify_shards=config.data.verify_shards, url_retries=config.data.url_retries,
-                         scaled_decoding=config.data.scaled_decoding, colour_ops=config.data.colour_ops)
+    loader = make_loader(
+        manifest,
+        d.micro_batch_size,
+        view=objective.view,
+        img_size=config.data.img_size,
+        mode="resampled",
+        num_workers=config.data.num_workers,
+        seed=config.run.seed,
+        shuffle_buffer=config.data.shuffle_buffer,
+        steps_per_epoch=steps_per_epoch * d.grad_accum,
+        pin_memory=torch.cuda.is_available(),
+        max_bad_shards=config.data.max_bad_shards,
+        verify_shards=config.data.verify_shards,
+        url_retries=config.data.url_retries,
+        scaled_decoding=config.data.scaled_decoding,
+        colour_ops=config.data.colour_ops,
+    )
     total_steps = max(1, round(config.optim.epochs * steps_per_epoch))
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
     min_ratio = config.optim.min_lr / lr
     lr_factor = config.run.lr_factor
-    scheduler = LambdaLR(optimizer,
-                         lambda step: lr_factor * cosine_lr_factor(step, warmup_steps, total_steps, min_ratio))
+    scheduler = LambdaLR(
+        optimizer, lambda step: lr_factor * cosine_lr_factor(step, warmup_steps, total_steps, min_ratio)
+    )
 
     ds_config = deepspeed_config(config, world)
-    tag, rewound = checkpoint.resume_tag(ckpt_dir, config.run.resume_tag)  # verified and checked before the engine
+    tag, rewound = checkpoint.resume_tag(
+        ckpt_dir, config.run.resume_tag
+    )  # verified and checked before the engine
     if tag:
-        check_resumable(checkpoint.run_state(ckpt_dir, tag), config, world, data_fingerprint(manifest), ds_config,
-                        steps_per_epoch)
+        check_resumable(
+            checkpoint.run_state(ckpt_dir, tag),
+            config,
+            world,
+            data_fingerprint(manifest),
+            ds_config,
+            steps_per_epoch,
+        )
     if is_main:
-        log.info("starting DeepSpeed (ZeRO stage %d); its first use on a machine compiles its ops into "
-                 "TORCH_EXTENSIONS_DIR, which takes minutes", ds_config.get("zero_optimization", {}).get("stage", 0))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
+        log.info(
+            "starting DeepSpeed (ZeRO stage %d); its first use on a machine compiles its ops into "
+            "TORCH_EXTENSIONS_DIR, which takes minutes",
+            ds_config.get("zero_optimization", {}).get("stage", 0),
+        )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     dtype, device = DTYPES[d.precision], engine.device
     match_batchnorm_statistics(objective, dtype)
 
@@ -281,29 +378,58 @@ def _train_locked(config, stop):
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         if is_main:
-            log.info("resumed %s at step %d%s", ckpt_dir / tag, state["step"],
-                     f", skipping the batches of {config.run.skip_batches} steps" if rewound and config.run.skip_batches
-                     else "")
+            log.info(
+                "resumed %s at step %d%s",
+                ckpt_dir / tag,
+                state["step"],
+                f", skipping the batches of {config.run.skip_batches} steps"
+                if rewound and config.run.skip_batches
+                else "",
+            )
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-        log.info("%d processes, global batch %d, lr %.3g, %d steps (%d per epoch, %d warmup)\n%s", world,
-                 global_batch, lr, total_steps, steps_per_epoch, warmup_steps, format_param_groups(groups))
+        log.info(
+            "%d processes, global batch %d, lr %.3g, %d steps (%d per epoch, %d warmup)\n%s",
+            world,
+            global_batch,
+            lr,
+            total_steps,
+            steps_per_epoch,
+            warmup_steps,
+            format_param_groups(groups),
+        )
     last_step = min(total_steps, config.run.max_steps or total_steps)  # run.max_steps may stop it early
     monitor = Monitor(run_dir, is_main, last_step, global_batch)  # the console's step/total and eta
     monitor.config(dump_config(config))
     if auto_curve:
         cosines = auto_curve["cosines"]
-        monitor.extra(0, {"graft/auto_split": auto_curve["split"],
-                          **{f"graft/probe_cosine/block_{i:02d}": c for i, c in enumerate(cosines)}},
-                      {"graft/probe_cosines": plot_cosines(cosines, split=auto_curve["split"])})
+        monitor.extra(
+            0,
+            {
+                "graft/auto_split": auto_curve["split"],
+                **{f"graft/probe_cosine/block_{i:02d}": c for i, c in enumerate(cosines)},
+            },
+            {"graft/probe_cosines": plot_cosines(cosines, split=auto_curve["split"])},
+        )
 
     def save(step):
-        client_state = {**state, "step": step, "objective": objective.extra_state(), "divergence": watch.state_dict(),
-                        "val": val.state_dict() if val else {}}
-        run_state = {"step": step, "world_size": world, "steps_per_epoch": steps_per_epoch, "config": to_dict(config),
-                     "data": data_fingerprint(manifest), "ds_config": ds_config}
+        client_state = {
+            **state,
+            "step": step,
+            "objective": objective.extra_state(),
+            "divergence": watch.state_dict(),
+            "val": val.state_dict() if val else {},
+        }
+        run_state = {
+            "step": step,
+            "world_size": world,
+            "steps_per_epoch": steps_per_epoch,
+            "config": to_dict(config),
+            "data": data_fingerprint(manifest),
+            "ds_config": ds_config,
+        }
         tag = checkpoint.save(engine, ckpt_dir, step, client_state, run_state, config.run.keep_last)
         if is_main:
             log.info("saved checkpoint %s", ckpt_dir / tag)
@@ -315,13 +441,17 @@ def _train_locked(config, stop):
         if kept == checkpoint.tag_of(step):
             kept = checkpoint.set_aside(ckpt_dir, kept, "diverged")
         raise TrainingDiverged(
-            f"{problem} at step {step + 1}; the checkpoint from before it is {kept or 'none'} in {ckpt_dir}. To "
-            "recover, resume from it or an earlier tag (run.resume_tag=TAG), skipping the batches that blew up "
-            "(run.skip_batches=N) and/or at a lower learning rate (run.lr_factor=0.5)")
+            f"{problem} at step {step + 1}; the checkpoint from before it is {kept or 'none'} in "
+            f"{ckpt_dir}. To recover, resume from it or an earlier tag (run.resume_tag=TAG), skipping the "
+            "batches that blew up (run.skip_batches=N) and/or at a lower learning rate (run.lr_factor=0.5)"
+        )
 
     knn = KNNMonitor(config, objective.encoder, device, d.micro_batch_size) if config.run.knn_every else None
-    val = ValMonitor(config, objective, device) if objective.uses_labels and config.finetune.val \
-        and config.finetune.eval_every else None
+    val = (
+        ValMonitor(config, objective, device)
+        if objective.uses_labels and config.finetune.val and config.finetune.eval_every
+        else None
+    )
     val_every = max(1, round(config.finetune.eval_every * steps_per_epoch))
     if val and tag:
         val.load_state_dict(saved.get("val", {}))
@@ -345,18 +475,26 @@ def _train_locked(config, stop):
             for micro in range(d.grad_accum):
                 batch = next(batches)
                 images = batch["images"]
-                images = [normalize(v, device).to(dtype) for v in images] if isinstance(images, list) \
+                images = (
+                    [normalize(v, device).to(dtype) for v in images]
+                    if isinstance(images, list)
                     else normalize(images, device).to(dtype)
+                )
                 if micro == 0 and config.run.diagnostics_every and step % config.run.diagnostics_every == 0:
                     seed_step(mix_seed(config.run.seed, rank(), step, -1))
                     monitor.extra(step, *objective.diagnostics(images))
                 seed_step(mix_seed(config.run.seed, rank(), step, micro))
-                outputs = engine(images, batch["labels"].to(device)) if objective.uses_labels else engine(images)
+                outputs = (
+                    engine(images, batch["labels"].to(device)) if objective.uses_labels else engine(images)
+                )
                 # One small all-reduce per micro-batch: the mean loss, a non-finite flag and the stop signal,
                 # so that every rank takes the same decision at the same step.
-                local = {"loss": outputs["loss"].detach().float(),
-                         "non_finite": float(not torch.isfinite(outputs["loss"])), "stop_signal": float(stop.signum),
-                         **{count: float(batch[count]) for count in DATA_COUNTS}}
+                local = {
+                    "loss": outputs["loss"].detach().float(),
+                    "non_finite": float(not torch.isfinite(outputs["loss"])),
+                    "stop_signal": float(stop.signum),
+                    **{count: float(batch[count]) for count in DATA_COUNTS},
+                }
                 summed = torch.tensor(list(local.values()), device=device)
                 dist.all_reduce(summed)
                 status = dict(zip(local, summed.tolist()))
@@ -382,12 +520,20 @@ def _train_locked(config, stop):
             if step % config.run.log_every == 0 or step == last_step:
                 scalars = {name: value / monitor.window_steps for name, value in sums.items()}
                 lrs = [group["lr"] for group in optimizer.param_groups]
-                scalars.update({f"lr/layers_{group['layers']}": group["lr"] for group in optimizer.param_groups})
-                scalars.update({"lr/first_group": lrs[0], "lr/last_group": lrs[-1],
-                                "grad_norm": grad_norm if grad_norm is not None else 0.0,
-                                "data/samples_seen": step * global_batch,
-                                **{f"data/{count}": state[count] for count in DATA_COUNTS},
-                                "memory/bytes": memory_bytes(device), "epoch": step / steps_per_epoch})
+                scalars.update(
+                    {f"lr/layers_{group['layers']}": group["lr"] for group in optimizer.param_groups}
+                )
+                scalars.update(
+                    {
+                        "lr/first_group": lrs[0],
+                        "lr/last_group": lrs[-1],
+                        "grad_norm": grad_norm if grad_norm is not None else 0.0,
+                        "data/samples_seen": step * global_batch,
+                        **{f"data/{count}": state[count] for count in DATA_COUNTS},
+                        "memory/bytes": memory_bytes(device),
+                        "epoch": step / steps_per_epoch,
+                    }
+                )
                 monitor.report(step, scalars)
                 sums = {}
             if knn and step % config.run.knn_every == 0:
@@ -395,14 +541,18 @@ def _train_locked(config, stop):
             if val and (step % val_every == 0 or step == total_steps):
                 record = val.measure(step, step / steps_per_epoch)
                 if is_main:
-                    monitor.extra(step, {f"eval/val_{k}": v for k, v in record.items() if k.startswith("top1")}, {})
+                    monitor.extra(
+                        step, {f"eval/val_{k}": v for k, v in record.items() if k.startswith("top1")}, {}
+                    )
             if config.run.image_every and step % config.run.image_every == 0:
                 monitor.images(step, "reconstruction", objective.images_to_log(images))
             stopped_by = (stop.reason() or signal.SIGTERM) if status["stop_signal"] > 0 else 0
             if step % config.run.save_every == 0 or step == last_step or stopped_by:
                 save(step)
             if stopped_by:
-                log.info("stopped at step %d on signal %d; run the same command again to resume", step, stopped_by)
+                log.info(
+                    "stopped at step %d on signal %d; run the same command again to resume", step, stopped_by
+                )
                 break
     finally:  # an error must not leave the loader's workers behind: they would hold up the exit
         if batches is not None:

@@ -1,4 +1,5 @@
 """What a run reports: a console line every N steps (with ETA) and TensorBoard under RUN_DIR/tb (rank 0)."""
+
 import logging
 import os
 import time
@@ -34,18 +35,30 @@ class Monitor:
         self.window_steps += 1
 
     def report(self, step, scalars):
-        """Console line and TensorBoard scalars for `step`; throughput over the steps since the last report."""
+        """Console line and TensorBoard scalars for `step`; throughput over the steps since the last
+        report."""
         elapsed = time.perf_counter() - self.window_start
         step_time = elapsed / max(1, self.window_steps)
-        scalars = {**scalars, "perf/step_time_s": step_time, "perf/images_per_s": self.global_batch / step_time}
+        scalars = {
+            **scalars,
+            "perf/step_time_s": step_time,
+            "perf/images_per_s": self.global_batch / step_time,
+        }
         self.window_start, self.window_steps = time.perf_counter(), 0
         if not self.enabled:
             return
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         eta = (self.total_steps - step) * step_time
-        log.info("step %d/%d  loss %.4f  lr %.3g  %.0f img/s  eta %s", step, self.total_steps, scalars["loss"],
-                 scalars["lr/last_group"], scalars["perf/images_per_s"], _duration(eta))
+        log.info(
+            "step %d/%d  loss %.4f  lr %.3g  %.0f img/s  eta %s",
+            step,
+            self.total_steps,
+            scalars["loss"],
+            scalars["lr/last_group"],
+            scalars["perf/images_per_s"],
+            _duration(eta),
+        )
 
     def extra(self, step, scalars, pictures):
         """A method's diagnostics: scalars, and single images (uint8 CHW)."""
@@ -68,4 +81,8 @@ class Monitor:
 
 def _duration(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

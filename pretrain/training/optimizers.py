@@ -8,6 +8,7 @@
   parameters of 2 or more dims only — so each group is split here: matrices with `always_adapt` (the
   trust ratio 0.001 |w| / |g| even at weight decay 0), vectors without, and eps 0 as in MAE's.
 """
+
 import timm.optim
 import torch
 

@@ -5,6 +5,7 @@ a `flock` on the file, so the kernel releases it however the owner ends (an exce
 lost and its job requeued elsewhere: on network file systems that support flock). The file keeps the
 owner's host and pid, for the message the second run prints; it is left in place, which is harmless.
 """
+
 import errno
 import fcntl
 import logging
@@ -39,17 +40,27 @@ class RunLock:
         except BlockingIOError:
             owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another run ({owner}); wait for it to end, or "
-                            "give this one another run.dir") from None
+            raise UserError(
+                f"{self.path.parent} is in use by another run ({owner}); wait for it to end, or "
+                "give this one another run.dir"
+            ) from None
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
                 raise
-            log.warning("%s: the file system does not support flock (%s); two runs in this directory would not "
-                        "be stopped", self.path, error)
+            log.warning(
+                "%s: the file system does not support flock (%s); two runs in this directory would not "
+                "be stopped",
+                self.path,
+                error,
+            )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        os.pwrite(
+            fd,
+            f"host {socket.gethostname()} pid {os.getpid()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
         self.fd = fd
         return self
 

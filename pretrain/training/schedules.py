@@ -1,4 +1,5 @@
 """Per-step schedules: linear warmup then half-cosine for the learning rate (as MAE's lr_sched.py)."""
+
 import math
 
 
