@@ -25,6 +25,8 @@ from pretrain.data.views import (
     simsiam_recipe,
 )
 
+# The sections every method reads; each method names its own (Objective.config_sections).
+SHARED_SECTIONS = ("run", "data", "model", "optim", "graft", "deepspeed")
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
 METHODS = (
     "mae",

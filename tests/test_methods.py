@@ -39,9 +39,9 @@ TINY = [
 TWO_VIEWS = {"mocov3", "simclr", "byol", "simsiam", "cmae", "conmim"}
 
 
-def tiny(method):
+def tiny(method, *extra):
     torch.manual_seed(0)
-    return build_objective(load_config(None, [f"method={method}", *TINY]))
+    return build_objective(load_config(None, [f"method={method}", *TINY, *extra]))
 
 
 def batch(method, n=8):
@@ -109,8 +109,8 @@ def test_block_mask_masks_whole_squares_at_the_ratio():
 
 @pytest.mark.parametrize("method", ["simmim", "conmim"])
 def test_masked_methods_score_only_masked_patches(method):
-    """Changing the pixels of the visible patches of the online input changes the loss; the encoder
-    never sees the masked ones: the same holds the other way for SimMIM's pixel targets."""
+    """The encoder's tokens change with the pixels of the visible patches of the online input and not
+    with those of the masked ones; SimMIM's loss does change with the masked pixels: they are its targets."""
     objective = tiny(method)
     images = batch(method, n=4)
     online = images if method == "simmim" else images[0]
@@ -126,15 +126,23 @@ def test_masked_methods_score_only_masked_patches(method):
     tokens_changed, _ = objective.masked_tokens(changed)
     assert torch.equal(used_mask, mask)
     assert torch.allclose(tokens, tokens_changed, atol=1e-5), "masked pixels must not reach the encoder"
+    torch.manual_seed(1)
+    tokens_visible_changed, _ = objective.masked_tokens(online + (1 - masked_pixels) * torch.randn_like(online))
+    assert (tokens_visible_changed - tokens).abs().amax() > 1e-2, "the visible pixels do reach it"
+    if method == "simmim":  # the loss: the masked pixels are SimMIM's targets, the visible ones are not
+        torch.manual_seed(1)
+        loss = objective(online)["loss"]
+        torch.manual_seed(1)
+        assert not torch.allclose(objective(changed)["loss"], loss), "masked pixels are the targets"
 
 
 def test_cmae_target_sees_the_whole_image_and_is_constant_momentum():
-    cmae = tiny("cmae")
-    assert cmae.mae.mask_ratio == 0.75 and not cmae.target.cosine
+    cmae = tiny("cmae", "cmae.contrast_weight=0.3")
+    assert cmae.mae.mask_ratio == 0.75 and not cmae.target.cosine and cmae.contrast_weight == 0.3
     source, shifted = batch("cmae")
     out = cmae([source, shifted])
     assert {"loss_reconstruction", "loss_contrast"} <= set(out)
-    assert torch.allclose(out["loss"], out["loss_reconstruction"] + out["loss_contrast"])
+    assert torch.allclose(out["loss"], out["loss_reconstruction"] + 0.3 * out["loss_contrast"])
     cmae.after_step(5, 10)
     assert cmae.target.momentum == 0.996
 

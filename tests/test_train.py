@@ -7,6 +7,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.core.errors import UserError
+from pretrain.data.views import IMAGENET_MEAN, normalize
 from pretrain.graft.param_groups import format_param_groups, layer_id, objective_param_groups, param_groups
 from pretrain.graft.start_weights import grafted_objective
 from pretrain.models import patchify, unpatchify
@@ -162,9 +163,22 @@ def test_mae_encoder_sees_only_visible_patches_and_scores_masked_ones():
     assert torch.allclose(mae.target(images).mean(-1), torch.zeros(4, 16), atol=1e-5)  # norm_pix_loss
 
 
-def test_mae_reconstruction_grid():
-    grid = tiny("mae").images_to_log(torch.randn(6, 3, 32, 32), count=2)
+def test_mae_reconstruction_grid_shows_the_input_its_visible_patches_and_the_reconstruction():
+    """Rows: the input; the input with its masked patches blanked (the mean colour, 0 once normalized);
+    the visible patches pasted over the reconstruction. All in [0, 1], as TensorBoard shows them."""
+    mae = tiny("mae")
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    grid = mae.images_to_log(normalize(pixels), count=2)
     assert grid.shape == (6, 3, 32, 32) and grid.min() >= 0 and grid.max() <= 1
+    original, masked, pasted = (patchify(rows, 8) for rows in grid.split(2))
+    assert torch.allclose(original, patchify(pixels.float() / 255, 8), atol=1e-5)
+    blank = patchify(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand(2, 3, 32, 32), 8)
+    hidden = (masked - blank).abs().amax(-1) < 1e-5
+    assert hidden.sum(1).tolist() == [12, 12], "75 % of the 16 patches of each image are masked"
+    assert torch.allclose(masked[~hidden], original[~hidden], atol=1e-5)
+    assert torch.allclose(pasted[~hidden], original[~hidden], atol=1e-5), "visible patches pasted back"
+    assert (pasted[hidden] - original[hidden]).abs().mean() > 0.05, "masked patches: the reconstruction"
 
 
 def test_mocov3_loss_and_momentum_update():
@@ -221,3 +235,31 @@ def test_resuming_accepts_keys_added_to_the_config_later():
     check_resumable({"world_size": 2, "config": saved}, config, 2)
     with pytest.raises(UserError, match="graft.rule: 'none' -> 'list'"):
         check_resumable({"world_size": 2, "config": saved}, load_config(None, [*TINY, "graft.rule=list"]), 2)
+
+
+@pytest.mark.parametrize(
+    "method, ignored, compared",
+    [
+        ("mae", "simclr.temperature=0.5", "mae.mask_ratio=0.6"),
+        ("mocov3", "mae.mask_ratio=0.6", "moco.temperature=0.1"),
+        ("hybrid", "byol.momentum=0.9", "moco.temperature=0.1"),  # hybrid reads mae, moco and hybrid
+        ("linprobe", "moco.temperature=0.1", "finetune.pool=token"),  # linprobe reads finetune's keys
+    ],
+)
+def test_resuming_compares_the_shared_sections_and_the_methods_own(method, ignored, compared):
+    """Another method's section may differ (a default changed since the checkpoint); the run's method's
+    sections, the shared ones and the method itself may not."""
+    from pretrain.config import to_dict
+    from pretrain.training.engine import check_resumable
+
+    config = load_config(None, [*TINY, f"method={method}"])
+    saved = {"world_size": 2, "config": to_dict(load_config(None, [*TINY, f"method={method}", ignored]))}
+    check_resumable(saved, config, 2)
+    key = compared.split("=")[0]
+    saved = {"world_size": 2, "config": to_dict(load_config(None, [*TINY, f"method={method}", compared]))}
+    with pytest.raises(UserError, match=f"the config differs from the checkpoint's \\({key}: "):
+        check_resumable(saved, config, 2)
+    for shared in ("optim.base_lr=0.5", "data.img_size=64", f"method={'simclr' if method != 'simclr' else 'mae'}"):
+        saved = {"world_size": 2, "config": to_dict(load_config(None, [*TINY, f"method={method}", shared]))}
+        with pytest.raises(UserError, match=shared.split("=")[0]):
+            check_resumable(saved, config, 2)

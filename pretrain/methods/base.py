@@ -6,6 +6,8 @@ from torch import nn
 class Objective(nn.Module):
     """A self-supervised method: it owns its encoder and heads.
 
+    * `config_sections`: the run config's sections the method reads besides the shared ones
+      (pretrain.config.SHARED_SECTIONS); a resumed run must not change them, and may change the others.
     * `decay_exempt`: the parameters the method's official recipe does not weight-decay ("none", "1d"
       or "1d_tokens": see pretrain.graft.param_groups.uses_weight_decay); optim.decay_exempt overrides it.
     * `view`: the name of the augmentation the loader must produce (see pretrain.data.views), or a function
@@ -29,6 +31,7 @@ class Objective(nn.Module):
     """
 
     view = "eval"
+    config_sections: tuple[str, ...] = ()
     decay_exempt = "1d_tokens"
     uses_labels = False
     scored_on_val = False

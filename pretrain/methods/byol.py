@@ -11,6 +11,7 @@ from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_b
 
 
 class BYOL(MomentumObjective):
+    config_sections = ("byol",)
     view = "byol"
 
     def __init__(self, encoder, mlp_dim=4096, out_dim=256, momentum=0.996, grad_checkpointing=False):

@@ -16,6 +16,7 @@ from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_b
 
 
 class CMAE(MomentumObjective):
+    config_sections = ("cmae", "mae")
     view = "cmae"
 
     def __init__(

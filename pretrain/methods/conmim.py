@@ -18,6 +18,7 @@ from pretrain.models import enable_block_checkpointing, encoder_for
 
 
 class ConMIM(MaskedPatches, MomentumObjective):
+    config_sections = ("conmim",)
     view = "conmim"
 
     def __init__(

@@ -50,6 +50,7 @@ def num_classes_of(config):
 
 
 class FineTune(Objective):
+    config_sections = ("finetune",)
     uses_labels = True
     scored_on_val = True
     fresh_weights = ("head.", "fc_norm.")  # not taken from graft.init: they start at their own init

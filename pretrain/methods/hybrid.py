@@ -16,6 +16,7 @@ from pretrain.models import encoder_for
 
 
 class Hybrid(Objective):
+    config_sections = ("hybrid", "mae", "moco")
     view = "hybrid"
 
     def __init__(self, encoder, mae, moco, weight=0.5):

@@ -33,6 +33,7 @@ from pretrain.models import create_classifier
 
 
 class LinearProbe(Objective):
+    config_sections = ("linprobe", "finetune")
     uses_labels = True
     scored_on_val = True
     decay_exempt = "none"  # both recipes: weight decay 0 on the head

@@ -65,6 +65,7 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(Objective):
+    config_sections = ("mae",)
     view = "mae"
     decay_exempt = "1d"  # main_pretrain.py: timm's add_weight_decay spares 1-D parameters only (tokens decay)
 

@@ -16,6 +16,7 @@ from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_b
 
 
 class MoCoV3(MomentumObjective):
+    config_sections = ("moco",)
     view = "byol"
     decay_exempt = "none"  # main_moco.py: AdamW(model.parameters(), weight_decay=0.1) decays everything
 

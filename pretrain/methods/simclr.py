@@ -17,6 +17,7 @@ from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_b
 
 
 class SimCLR(Objective):
+    config_sections = ("simclr",)
     view = "simclr"
 
     def __init__(self, encoder, mlp_dim=2048, out_dim=128, temperature=0.1, grad_checkpointing=False):

@@ -48,6 +48,7 @@ class MaskedPatches(Objective):
 
 
 class SimMIM(MaskedPatches):
+    config_sections = ("simmim",)
     view = "simmim"
 
     def __init__(self, encoder, mask_ratio=0.6, mask_patch=32, grad_checkpointing=False):

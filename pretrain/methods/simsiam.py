@@ -15,6 +15,7 @@ def negative_cosine(prediction, target):
 
 
 class SimSiam(Objective):
+    config_sections = ("simsiam",)
     view = "simsiam"
 
     def __init__(self, encoder, dim=2048, pred_dim=512, grad_checkpointing=False):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from pretrain.config import Config, dump_config, to_dict
+from pretrain.config import SHARED_SECTIONS, Config, dump_config, to_dict
 from pretrain.core import checkpoint
 from pretrain.core.distributed import rank, set_collective_timeout, world_size
 from pretrain.core.errors import TrainingDiverged, UserError
@@ -34,6 +34,7 @@ from pretrain.evaluation.validation import ValMonitor
 from pretrain.graft import auto_split
 from pretrain.graft.param_groups import format_param_groups, layer_span, objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
+from pretrain.methods import OBJECTIVES
 from pretrain.methods.grad_conflict import plot_cosines
 from pretrain.training.divergence import DivergenceWatch
 from pretrain.training.monitor import Monitor, memory_bytes
@@ -161,9 +162,16 @@ def check_resumable(saved, config, world, data=None, ds_config=None, steps_per_e
             f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
             "resume with the same world size (ZeRO partitions are per rank)"
         )
-    current, before = _flatten(to_dict(config)), _flatten(saved["config"])
+    # What the run computes with: the shared sections and its method's; another method's section (say,
+    # a default that changed since) is not this run's business.
+    compared = {"method", *SHARED_SECTIONS, *OBJECTIVES[config.method].config_sections}
+    current, before = (
+        {k: v for k, v in _flatten(tree).items() if k.split(".")[0] in compared}
+        for tree in (to_dict(config), saved["config"])
+    )
     # A key the checkpoint does not know was added to the config later: it changes nothing at its default.
-    before = {**{k: v for k, v in _flatten(to_dict(Config())).items() if k not in before}, **before}
+    defaults = _flatten(to_dict(Config()))
+    before = {**{k: v for k, v in defaults.items() if k not in before and k in current}, **before}
     # Checkpoints written before the data and the DeepSpeed config were recorded compare their locations.
     ignored = RESUMABLE_CHANGES + tuple(
         k
