@@ -127,7 +127,8 @@ def test_masked_methods_score_only_masked_patches(method):
     assert torch.equal(used_mask, mask)
     assert torch.allclose(tokens, tokens_changed, atol=1e-5), "masked pixels must not reach the encoder"
     torch.manual_seed(1)
-    tokens_visible_changed, _ = objective.masked_tokens(online + (1 - masked_pixels) * torch.randn_like(online))
+    visible_changed = online + (1 - masked_pixels) * torch.randn_like(online)
+    tokens_visible_changed, _ = objective.masked_tokens(visible_changed)
     assert (tokens_visible_changed - tokens).abs().amax() > 1e-2, "the visible pixels do reach it"
     if method == "simmim":  # the loss: the masked pixels are SimMIM's targets, the visible ones are not
         torch.manual_seed(1)

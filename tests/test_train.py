@@ -259,7 +259,8 @@ def test_resuming_compares_the_shared_sections_and_the_methods_own(method, ignor
     saved = {"world_size": 2, "config": to_dict(load_config(None, [*TINY, f"method={method}", compared]))}
     with pytest.raises(UserError, match=f"the config differs from the checkpoint's \\({key}: "):
         check_resumable(saved, config, 2)
-    for shared in ("optim.base_lr=0.5", "data.img_size=64", f"method={'simclr' if method != 'simclr' else 'mae'}"):
+    other_method = "simclr" if method != "simclr" else "mae"
+    for shared in ("optim.base_lr=0.5", "data.img_size=64", f"method={other_method}"):
         saved = {"world_size": 2, "config": to_dict(load_config(None, [*TINY, f"method={method}", shared]))}
         with pytest.raises(UserError, match=shared.split("=")[0]):
             check_resumable(saved, config, 2)
