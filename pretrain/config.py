@@ -7,11 +7,11 @@ work starts; `Config.validate` checks the ranges.
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from pretrain.core.errors import UserError
+from pretrain.core.shipped import resolve_shipped
 from pretrain.data.views import (
     COLOUR_OPS,
     INTERPOLATIONS,
@@ -576,7 +576,7 @@ def load_config(path=None, overrides=()):
     """Defaults, then the YAML file, then each override in order; validated."""
     config = Config()
     if path is not None:
-        path = Path(path)
+        path = resolve_shipped(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:

@@ -28,13 +28,13 @@ import torch
 from pretrain import analysis, export
 from pretrain.core import checkpoint
 from pretrain.core.errors import UserError, cli_entry
+from pretrain.core.shipped import shipped_root
 from pretrain.data.loader import make_loader
 from pretrain.evaluation.features import architecture, encoder_from, frozen_scores
 from pretrain.evaluation.supervised import write_scalar
 from pretrain.models import create_encoder
 
 IMG_SIZE = 32
-REPO = Path(__file__).resolve().parents[1]
 
 
 def read_back(manifest, batch_size, **options):
@@ -61,7 +61,7 @@ def pretrain(config, run_dir, train_manifest, processes, *overrides, echo=True):
         "-m",
         "pretrain.train",
         "--config",
-        str(REPO / "configs" / config),
+        str(shipped_root() / "configs" / config),
         f"run.dir={run_dir}",
         f"data.train={train_manifest}",
         *overrides,

@@ -40,6 +40,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.core.distributed import rank
 from pretrain.core.errors import UserError, check_manifest, check_writable, cli_entry
+from pretrain.core.shipped import shipped_root
 from pretrain.data.manifest import Manifest
 from pretrain.evaluation.features import (
     architecture,
@@ -52,8 +53,6 @@ from pretrain.evaluation.knn import knn_accuracy
 from pretrain.evaluation.supervised import write_scalar
 from pretrain.models import TIMM_NAMES
 from pretrain.train import run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv):
@@ -147,7 +146,7 @@ def default_config(args):
         if args.protocol == "finetune"
         else f"linprobe_{args.linear_protocol}_vit_b.yaml"
     )
-    return REPO / "configs" / name
+    return shipped_root() / "configs" / name
 
 
 def train_protocol(args, arch, img_size, patch_size):

@@ -26,6 +26,7 @@ from pretrain.config import SHARED_SECTIONS, Config, dump_config, to_dict
 from pretrain.core import checkpoint
 from pretrain.core.distributed import rank, set_collective_timeout, world_size
 from pretrain.core.errors import TrainingDiverged, UserError
+from pretrain.core.shipped import resolve_shipped
 from pretrain.data.loader import make_loader, mix_seed
 from pretrain.data.manifest import Manifest
 from pretrain.data.views import normalize
@@ -43,7 +44,6 @@ from pretrain.training.run_lock import lock_run_dir
 from pretrain.training.schedules import cosine_lr_factor
 
 log = logging.getLogger("lg-pretrain")
-REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16 = {
     "enabled": True,
@@ -97,9 +97,7 @@ def data_fingerprint(manifest):
 def deepspeed_config(config, world):
     """The effective DeepSpeed config: the JSON file named by the run config, plus batch sizes,
     precision and clipping from the run config (saved as RUN_DIR/ds_config.json)."""
-    path = Path(config.deepspeed.config)
-    if not path.is_file() and (REPO / path).is_file():
-        path = REPO / path
+    path = resolve_shipped(config.deepspeed.config)
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError:
