@@ -1,7 +1,9 @@
-"""The one home of every training setting: dataclasses, filled from YAML plus `a.b=value` overrides.
+"""The run config: dataclasses, filled from YAML plus `a.b=value` overrides.
 
-Unknown keys and values of the wrong type are a `UserError` naming the key (and the file) before any
-work starts; `Config.validate` checks the ranges.
+The shared sections (run, data, model, optim, graft, deepspeed) are defined here; each method's section
+is defined in the method's own file (pretrain/methods/, `@config_section`) and joins `Config` from
+there. Unknown keys and values of the wrong type are a `UserError` naming the key (and the file)
+before any work starts; `Config.validate` checks the ranges, each method section its own.
 """
 
 import dataclasses
@@ -12,37 +14,14 @@ import yaml
 
 from pretrain.core.errors import UserError
 from pretrain.core.shipped import resolve_shipped
-from pretrain.data.views import (
-    COLOUR_OPS,
-    INTERPOLATIONS,
-    ViewConfig,
-    byol_recipe,
-    cmae_recipe,
-    conmim_recipe,
-    mae_recipe,
-    simclr_recipe,
-    simmim_recipe,
-    simsiam_recipe,
-)
+from pretrain.data.views import COLOUR_OPS, ViewConfig
+from pretrain.methods import OBJECTIVES, SECTIONS
 
 # The sections every method reads; each method names its own (Objective.config_sections).
 SHARED_SECTIONS = ("run", "data", "model", "optim", "graft", "deepspeed")
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
-METHODS = (
-    "mae",
-    "mocov3",
-    "hybrid",
-    "simclr",
-    "byol",
-    "simsiam",
-    "simmim",
-    "cmae",
-    "conmim",
-    "finetune",
-    "linprobe",
-)
+METHODS = tuple(OBJECTIVES)  # every registered method (pretrain/methods/)
 OPTIMIZERS = ("adamw", "lars", "sgd")  # see pretrain.training.optimizers
-LINPROBE_PROTOCOLS = ("mae", "mocov3")
 GRAFT_RULES = ("none", "list", "split", "ramp", "freeze", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAY_EXEMPTIONS = ("none", "1d", "1d_tokens")  # see pretrain.graft.param_groups.uses_weight_decay
@@ -125,125 +104,6 @@ class ModelConfig:
 
 
 @dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
-    view: ViewConfig = field(default_factory=mae_recipe)  # also the masked view of hybrid
-
-
-@dataclass
-class MoCoConfig:
-    temperature: float = 0.2
-    mlp_dim: int = 4096
-    out_dim: int = 256
-    momentum: float = 0.99  # start of the cosine schedule to 1
-    freeze_patch_embed: bool = True  # MoCo v3's stability trick: a fixed random patch projection
-    view1: ViewConfig = field(default_factory=byol_recipe)  # BYOL's asymmetric pair (also hybrid's)
-    view2: ViewConfig = field(default_factory=lambda: byol_recipe(second=True))
-
-
-@dataclass
-class HybridConfig:
-    weight: float = 0.5  # lambda in L = (1 - lambda) L_MIM + lambda L_CL
-
-
-@dataclass
-class SimCLRConfig:
-    temperature: float = 0.1
-    mlp_dim: int = 2048  # projector: encoder -> mlp_dim -> out_dim, BatchNorm between
-    out_dim: int = 128
-    view: ViewConfig = field(default_factory=simclr_recipe)  # both views
-
-
-@dataclass
-class BYOLConfig:
-    mlp_dim: int = 4096  # projector and predictor: 2 layers, mlp_dim hidden
-    out_dim: int = 256
-    momentum: float = 0.996  # start of the cosine schedule to 1
-    view1: ViewConfig = field(default_factory=byol_recipe)
-    view2: ViewConfig = field(default_factory=lambda: byol_recipe(second=True))
-
-
-@dataclass
-class SimSiamConfig:
-    dim: int = 2048  # projector: 3 layers of dim, BatchNorm after each
-    pred_dim: int = 512  # predictor bottleneck
-    view: ViewConfig = field(default_factory=simsiam_recipe)  # both views
-
-
-@dataclass
-class SimMIMConfig:
-    mask_ratio: float = 0.6
-    mask_patch_size: int = 32  # pixels; masked squares are this size (a multiple of the patch size)
-    view: ViewConfig = field(default_factory=simmim_recipe)
-
-
-@dataclass
-class CMAEConfig:
-    """CMAE on top of the `mae` section (pixel decoder, mask ratio: CMAE's configs set 0.65)."""
-
-    feature_decoder_dim: int = 512
-    feature_decoder_depth: int = 2
-    mlp_dim: int = 1536  # projector encoder -> 1536 -> 256, predictor 256 -> 1536 -> 256
-    out_dim: int = 256
-    temperature: float = 0.07
-    momentum: float = 0.996  # constant
-    contrast_weight: float = 1.0  # lambda_c
-    view: ViewConfig = field(default_factory=cmae_recipe)  # before the pixel shift
-
-
-@dataclass
-class ConMIMConfig:
-    mask_ratio: float = 0.75
-    mask_patch_size: int = 32  # pixels, as SimMIM
-    temperature: float = 0.1  # of the patch-level InfoNCE (our choice: not in the seed notes)
-    momentum: float = 0.996  # slow encoder, constant (our choice: not in the seed notes)
-    view: ViewConfig = field(default_factory=conmim_recipe)  # crop + flip shared; colour for the slow branch
-
-
-@dataclass
-class FinetuneConfig:
-    """Supervised training on the labels of data.train: fine-tuning (method: finetune, lg-eval finetune)
-    and linear probing (method: linprobe, lg-eval linear --protocol mae|mocov3). The starting weights
-    are graft.init."""
-
-    val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_<method>.json); empty: none
-    eval_every: float = (
-        0.0  # epochs between measurements on val during training (best and last kept); 0: the end only
-    )
-    keep_best: bool = True  # with eval_every: write the best measured weights to RUN_DIR/classifier_best.pth
-    num_classes: int = 0  # 0: as many as data.train's manifest lists
-    pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
-    label_smoothing: float = 0.1
-    min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
-    interpolation: str = (
-        "bicubic"  # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
-    )
-    flip: bool = True  # ... horizontal flips ...
-    rand_augment: str = "rand-m9-mstd0.5-inc1"  # ... timm's RandAugment of this spec (empty: off) ...
-    random_erasing: float = (
-        0.0  # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
-    )
-    mixup: float = 0.0  # ... and timm's Mixup: mixup alpha (MAE: 0.8; 0: off) ...
-    cutmix: float = 0.0  # ... cutmix alpha (MAE: 1.0; 0: off) ...
-    mix_switch_prob: float = 0.5  # ... the chance of cutmix rather than mixup when both are on
-    ema_decay: float = 0.0  # model EMA of the weights (timm's ModelEmaV3), measured beside them; 0: off
-    allow_partial: bool = False  # score val even when fewer images could be read than its manifest lists
-
-
-@dataclass
-class LinprobeConfig:
-    """Linear probing on a frozen encoder (method: linprobe); its data, val and pool are the `finetune`
-    section's. `protocol` names whose head: mae (main_linprobe.py: BatchNorm without affine, then the
-    linear layer) or mocov3 (main_lincls.py: the linear layer alone). The optimizer is optim.optimizer."""
-
-    protocol: str = "mae"
-
-
-@dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr x global batch / 256
     min_lr: float = 0.0
@@ -297,22 +157,11 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class Config:
+class SharedConfig:
     method: str = "mae"
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    moco: MoCoConfig = field(default_factory=MoCoConfig)
-    hybrid: HybridConfig = field(default_factory=HybridConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
-    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
-    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
-    cmae: CMAEConfig = field(default_factory=CMAEConfig)
-    conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     graft: GraftConfig = field(default_factory=GraftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -327,7 +176,6 @@ class Config:
                 "deepspeed.precision",
                 f"one of {', '.join(PRECISIONS)}",
             ),
-            (0 < self.mae.mask_ratio < 1, "mae.mask_ratio", "between 0 and 1"),
             (0 <= self.model.drop_path < 1, "model.drop_path", "in [0, 1)"),
             (self.optim.base_lr > 0 and self.optim.min_lr >= 0, "optim.base_lr", "positive (min_lr >= 0)"),
             (
@@ -342,72 +190,8 @@ class Config:
                 "optim.decay_exempt",
                 f"empty (the method's recipe) or one of {', '.join(DECAY_EXEMPTIONS)}",
             ),
-            (0 <= self.moco.momentum < 1, "moco.momentum", "in [0, 1)"),
-            (self.moco.temperature > 0, "moco.temperature", "positive"),
-            (0 <= self.hybrid.weight <= 1, "hybrid.weight", "in [0, 1]"),
-            (0 < self.simmim.mask_ratio < 1, "simmim.mask_ratio", "between 0 and 1"),
-            (0 < self.conmim.mask_ratio < 1, "conmim.mask_ratio", "between 0 and 1"),
-            (
-                self.method != "simmim" or self._divides_grid(self.simmim.mask_patch_size),
-                "simmim.mask_patch_size",
-                f"a multiple of the patch size {self.model.patch} that divides data.img_size",
-            ),
-            (
-                self.method != "conmim" or self._divides_grid(self.conmim.mask_patch_size),
-                "conmim.mask_patch_size",
-                f"a multiple of the patch size {self.model.patch} that divides data.img_size",
-            ),
-            (
-                0 <= self.byol.momentum < 1 and 0 <= self.cmae.momentum < 1 and 0 <= self.conmim.momentum < 1,
-                "byol.momentum",
-                "in [0, 1) (cmae.momentum and conmim.momentum too)",
-            ),
-            (
-                min(self.simclr.temperature, self.cmae.temperature, self.conmim.temperature) > 0,
-                "simclr.temperature",
-                "positive (cmae.temperature and conmim.temperature too)",
-            ),
-            (self.finetune.pool in ("mean", "token"), "finetune.pool", "mean or token"),
-            (0 < self.finetune.min_scale <= 1, "finetune.min_scale", "in (0, 1]"),
-            (
-                self.finetune.interpolation in INTERPOLATIONS,
-                "finetune.interpolation",
-                f"one of {', '.join(INTERPOLATIONS)}",
-            ),
-            (
-                self.finetune.rand_augment == "" or self.finetune.rand_augment.startswith("rand"),
-                "finetune.rand_augment",
-                "empty (off) or a timm RandAugment spec such as rand-m9-mstd0.5-inc1",
-            ),
-            (
-                0 <= self.finetune.random_erasing <= 1 and 0 <= self.finetune.mix_switch_prob <= 1,
-                "finetune.random_erasing",
-                "in [0, 1] (mix_switch_prob too)",
-            ),
-            (self.finetune.mixup >= 0 and self.finetune.cutmix >= 0, "finetune.mixup", ">= 0 (cutmix too)"),
-            (
-                (self.finetune.mixup == 0 and self.finetune.cutmix == 0)
-                or self.deepspeed.micro_batch_size % 2 == 0,
-                "deepspeed.micro_batch_size",
-                "even with finetune.mixup or cutmix (timm's Mixup pairs image i with image n-1-i)",
-            ),
-            (
-                0 <= self.finetune.ema_decay < 1 and self.finetune.eval_every >= 0,
-                "finetune.ema_decay",
-                "in [0, 1) (finetune.eval_every >= 0)",
-            ),
-            (
-                self.linprobe.protocol in LINPROBE_PROTOCOLS,
-                "linprobe.protocol",
-                f"one of {', '.join(LINPROBE_PROTOCOLS)}",
-            ),
             (self.optim.optimizer in OPTIMIZERS, "optim.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
-            (
-                0 <= self.finetune.label_smoothing < 1 and self.finetune.num_classes >= 0,
-                "finetune.label_smoothing",
-                "in [0, 1) (num_classes >= 0)",
-            ),
             (self.run.diagnostics_every >= 0, "run.diagnostics_every", ">= 0"),
             (
                 self.data.max_bad_shards >= 0 and self.data.url_retries >= 0,
@@ -485,13 +269,12 @@ class Config:
             "deepspeed.micro_batch_size",
             "deepspeed.grad_accum",
             "data.shuffle_buffer",
-            "mae.decoder_dim",
-            "mae.decoder_heads",
-            "moco.mlp_dim",
-            "moco.out_dim",
             "run.collective_timeout",
         ]
         checks += [(get_key(self, key) > 0, key, "positive") for key in positive]
+        for name in SECTIONS:  # each method section checks its own values (and what they need of the rest)
+            section = getattr(self, name)
+            checks += section.checks(self) if hasattr(section, "checks") else []
         checks += [
             (False, f"{prefix}.{name}", expected)
             for prefix, view in view_configs(self)
@@ -502,8 +285,15 @@ class Config:
                 raise UserError(f"config key {key} = {get_key(self, key)!r} must be {expected}")
         return self
 
-    def _divides_grid(self, mask_patch):
-        return mask_patch > 0 and mask_patch % self.model.patch == 0 and self.data.img_size % mask_patch == 0
+
+# The whole run config: the shared sections, then every registered method's section (its own field).
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(name, section, field(default_factory=section)) for name, section in SECTIONS.items()],
+    bases=(SharedConfig,),
+    namespace={"__doc__": "The run config: SharedConfig's sections, then one per method section (SECTIONS)."},
+)
+Config.__module__ = __name__
 
 
 def view_configs(node, prefix=""):

@@ -13,9 +13,9 @@ from tests.conftest import REPO
 LAYERS = [
     "pretrain.core",  # errors, process group, atomic files, the checkpoint format, reading weights
     "pretrain.data",  # manifest, shard tars and locations, decoding, views, the loader
-    "pretrain.config",  # the run config and its validation
     "pretrain.models",  # timm encoders and the pieces methods share
-    "pretrain.methods",  # one objective per file
+    "pretrain.methods",  # one file per method: its config section, views and objective
+    "pretrain.config",  # the run config: the shared sections and every method's
     "pretrain.graft",  # layer-wise rules, starting weights, L1 pull, automatic split
     "pretrain.evaluation",  # features, kNN, probes, supervised results, analyses, the monitors
     "pretrain.training",  # the DeepSpeed engine and what only it uses

@@ -1,11 +1,51 @@
-"""The interface between a method and the engine."""
+"""The interface between a method and the engine, and the registries a method's file adds itself to.
+
+A method is one file in this package: its config section (a dataclass under `@config_section(name)`),
+its views (from pretrain.data.views, configured by that section) and its `Objective` under
+`@register(name)`. pretrain.methods imports every file here, and pretrain.config builds the run
+config from SECTIONS, so nothing else needs to know the method.
+"""
+
+import dataclasses
 
 from torch import nn
+
+OBJECTIVES: dict[str, type["Objective"]] = {}  # `method:` -> its Objective
+SECTIONS: dict[str, type] = {}  # a method's config section name -> its dataclass
+
+
+def register(name):
+    """Class decorator: the Objective that `method: name` trains."""
+
+    def add(cls):
+        if OBJECTIVES.get(name, cls) is not cls:
+            raise ValueError(f"two methods are registered as {name!r}: {OBJECTIVES[name]} and {cls}")
+        OBJECTIVES[name] = cls
+        return cls
+
+    return add
+
+
+def config_section(name):
+    """Dataclass decorator: a section `name:` of the run config, read by the method(s) that list it in
+    `config_sections`. It may define `checks(config)`: (condition, key, what it must be) triples that
+    pretrain.config turns into named errors."""
+
+    def add(cls):
+        cls = dataclasses.dataclass(cls)
+        if SECTIONS.get(name, cls) is not cls and SECTIONS[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"two config sections are registered as {name!r}")
+        SECTIONS[name] = cls
+        return cls
+
+    return add
 
 
 class Objective(nn.Module):
     """A self-supervised method: it owns its encoder and heads.
 
+    * `from_config(config)`: the classmethod that builds it from the run config, reading the shared
+      sections (model, data) and its own (`config.<section>`), passing them by name.
     * `config_sections`: the run config's sections the method reads besides the shared ones
       (pretrain.config.SHARED_SECTIONS); a resumed run must not change them, and may change the others.
     * `decay_exempt`: the parameters the method's official recipe does not weight-decay ("none", "1d"
@@ -41,6 +81,10 @@ class Objective(nn.Module):
     def __init__(self):
         super().__init__()
         self.l1_pull = None  # an instance attribute: a class attribute would hide the registered module
+
+    @classmethod
+    def from_config(cls, config) -> "Objective":
+        raise NotImplementedError(f"{cls.__name__} must say how the run config builds it (from_config)")
 
     def regularized(self, outputs):
         if self.l1_pull is not None:

@@ -2,14 +2,32 @@
 momentum target's projection of the other view with a normalized MSE; no negatives. The target
 (encoder + projector) is an EMA whose momentum rises from 0.996 to 1 on a cosine."""
 
+from dataclasses import field
+
 import torch
 
-from pretrain.data.views import Configured, two_views
+from pretrain.data.views import Configured, ViewConfig, byol_recipe, two_views
+from pretrain.methods.base import config_section, register
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, cosine_regression
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
+@config_section("byol")
+class BYOLConfig:
+    mlp_dim: int = 4096  # projector and predictor: 2 layers, mlp_dim hidden
+    out_dim: int = 256
+    momentum: float = 0.996  # start of the cosine schedule to 1
+    view1: ViewConfig = field(default_factory=byol_recipe)
+    view2: ViewConfig = field(default_factory=lambda: byol_recipe(second=True))
+
+    def checks(self, config):
+        return [
+            (0 <= self.momentum < 1, "byol.momentum", "in [0, 1)"),
+        ]
+
+
+@register("byol")
 class BYOL(MomentumObjective):
     config_sections = ("byol",)
     view = "byol"
@@ -25,9 +43,14 @@ class BYOL(MomentumObjective):
 
     @classmethod
     def from_config(cls, config):
-        m, c = config.model, config.byol
-        encoder = encoder_for(config)
-        byol = cls(encoder, c.mlp_dim, c.out_dim, c.momentum, m.grad_checkpointing)
+        c = config.byol
+        byol = cls(
+            encoder_for(config),
+            mlp_dim=c.mlp_dim,
+            out_dim=c.out_dim,
+            momentum=c.momentum,
+            grad_checkpointing=config.model.grad_checkpointing,
+        )
         byol.view = Configured(two_views, c.view1, c.view2)
         return byol
 

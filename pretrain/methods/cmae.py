@@ -9,12 +9,36 @@ patch tokens goes through the momentum copy of the projector. L = L_r + lambda_c
 ViT-B config (mask ratio 0.65, feature decoder 512 x 2, projector 768-1536-256).
 """
 
-from pretrain.data.views import Configured, cmae_view
+from dataclasses import field
+
+from pretrain.data.views import Configured, ViewConfig, cmae_recipe, cmae_view
+from pretrain.methods.base import config_section, register
 from pretrain.methods.mae import MAE, MAEDecoder
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm, use_encoder_tokens
 
 
+@config_section("cmae")
+class CMAEConfig:
+    """CMAE on top of the `mae` section (pixel decoder, mask ratio: CMAE's configs set 0.65)."""
+
+    feature_decoder_dim: int = 512
+    feature_decoder_depth: int = 2
+    mlp_dim: int = 1536  # projector encoder -> 1536 -> 256, predictor 256 -> 1536 -> 256
+    out_dim: int = 256
+    temperature: float = 0.07
+    momentum: float = 0.996  # constant
+    contrast_weight: float = 1.0  # lambda_c
+    view: ViewConfig = field(default_factory=cmae_recipe)  # before the pixel shift
+
+    def checks(self, config):
+        return [
+            (0 <= self.momentum < 1, "cmae.momentum", "in [0, 1)"),
+            (self.temperature > 0, "cmae.temperature", "positive"),
+        ]
+
+
+@register("cmae")
 class CMAE(MomentumObjective):
     config_sections = ("cmae", "mae")
     view = "cmae"
@@ -53,30 +77,21 @@ class CMAE(MomentumObjective):
 
     @classmethod
     def from_config(cls, config):
-        m, a, c = config.model, config.mae, config.cmae
+        c = config.cmae
         encoder = encoder_for(config)
-        mae = MAE(
-            encoder,
-            a.mask_ratio,
-            a.decoder_dim,
-            a.decoder_depth,
-            a.decoder_heads,
-            a.norm_pix_loss,
-            m.grad_checkpointing,
-        )
         cmae = cls(
             encoder,
-            mae,
-            c.feature_decoder_dim,
-            c.feature_decoder_depth,
-            a.decoder_heads,
-            c.mlp_dim,
-            c.out_dim,
-            c.temperature,
-            c.momentum,
-            c.contrast_weight,
+            MAE.from_config(config, encoder),  # the pixel branch: the `mae` section
+            feature_dim=c.feature_decoder_dim,
+            feature_depth=c.feature_decoder_depth,
+            feature_heads=config.mae.decoder_heads,
+            mlp_dim=c.mlp_dim,
+            out_dim=c.out_dim,
+            temperature=c.temperature,
+            momentum=c.momentum,
+            contrast_weight=c.contrast_weight,
         )
-        if m.grad_checkpointing:  # after the momentum copy: it runs without gradients
+        if config.model.grad_checkpointing:  # after the momentum copy: it runs without gradients
             enable_block_checkpointing(encoder.blocks)
         cmae.view = Configured(cmae_view, c.view)
         return cmae

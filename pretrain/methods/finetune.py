@@ -34,9 +34,76 @@ from timm.utils import ModelEmaV3
 
 from pretrain.core.errors import UserError
 from pretrain.data.manifest import Manifest
-from pretrain.data.views import finetune_view
-from pretrain.methods.base import Objective
+from pretrain.data.views import INTERPOLATIONS, finetune_view
+from pretrain.methods.base import Objective, config_section, register
 from pretrain.models import create_classifier
+
+
+@config_section("finetune")
+class FinetuneConfig:
+    """Supervised training on the labels of data.train: fine-tuning (method: finetune, lg-eval finetune)
+    and linear probing (method: linprobe, lg-eval linear --protocol mae|mocov3). The starting weights
+    are graft.init."""
+
+    val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_<method>.json); empty: none
+    eval_every: float = (
+        0.0  # epochs between measurements on val during training (best and last kept); 0: the end only
+    )
+    keep_best: bool = True  # with eval_every: write the best measured weights to RUN_DIR/classifier_best.pth
+    num_classes: int = 0  # 0: as many as data.train's manifest lists
+    pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
+    label_smoothing: float = 0.1
+    min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
+    interpolation: str = (
+        "bicubic"  # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
+    )
+    flip: bool = True  # ... horizontal flips ...
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # ... timm's RandAugment of this spec (empty: off) ...
+    random_erasing: float = (
+        0.0  # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
+    )
+    mixup: float = 0.0  # ... and timm's Mixup: mixup alpha (MAE: 0.8; 0: off) ...
+    cutmix: float = 0.0  # ... cutmix alpha (MAE: 1.0; 0: off) ...
+    mix_switch_prob: float = 0.5  # ... the chance of cutmix rather than mixup when both are on
+    ema_decay: float = 0.0  # model EMA of the weights (timm's ModelEmaV3), measured beside them; 0: off
+    allow_partial: bool = False  # score val even when fewer images could be read than its manifest lists
+
+    def checks(self, config):
+        return [
+            (self.pool in ("mean", "token"), "finetune.pool", "mean or token"),
+            (0 < self.min_scale <= 1, "finetune.min_scale", "in (0, 1]"),
+            (
+                self.interpolation in INTERPOLATIONS,
+                "finetune.interpolation",
+                f"one of {', '.join(INTERPOLATIONS)}",
+            ),
+            (
+                self.rand_augment == "" or self.rand_augment.startswith("rand"),
+                "finetune.rand_augment",
+                "empty (off) or a timm RandAugment spec such as rand-m9-mstd0.5-inc1",
+            ),
+            (
+                0 <= self.random_erasing <= 1 and 0 <= self.mix_switch_prob <= 1,
+                "finetune.random_erasing",
+                "in [0, 1] (mix_switch_prob too)",
+            ),
+            (self.mixup >= 0 and self.cutmix >= 0, "finetune.mixup", ">= 0 (cutmix too)"),
+            (
+                (self.mixup == 0 and self.cutmix == 0) or config.deepspeed.micro_batch_size % 2 == 0,
+                "deepspeed.micro_batch_size",
+                "even with finetune.mixup or cutmix (timm's Mixup pairs image i with image n-1-i)",
+            ),
+            (
+                0 <= self.ema_decay < 1 and self.eval_every >= 0,
+                "finetune.ema_decay",
+                "in [0, 1) (finetune.eval_every >= 0)",
+            ),
+            (
+                0 <= self.label_smoothing < 1 and self.num_classes >= 0,
+                "finetune.label_smoothing",
+                "in [0, 1) (num_classes >= 0)",
+            ),
+        ]
 
 
 def num_classes_of(config):
@@ -49,6 +116,7 @@ def num_classes_of(config):
     return len(classes)
 
 
+@register("finetune")
 class FineTune(Objective):
     config_sections = ("finetune",)
     uses_labels = True
@@ -108,13 +176,13 @@ class FineTune(Objective):
         )
         return cls(
             classifier_args,
-            c.label_smoothing,
-            augmentation,
-            c.random_erasing,
-            c.mixup,
-            c.cutmix,
-            c.mix_switch_prob,
-            c.ema_decay,
+            label_smoothing=c.label_smoothing,
+            augmentation=augmentation,
+            random_erasing=c.random_erasing,
+            mixup=c.mixup,
+            cutmix=c.cutmix,
+            mix_switch_prob=c.mix_switch_prob,
+            ema_decay=c.ema_decay,
         )
 
     def make_classifier(self):

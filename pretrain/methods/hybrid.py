@@ -8,13 +8,24 @@ two gradients conflict in the higher blocks; `diagnostics` measures the per-bloc
 import torch
 
 from pretrain.data.views import Configured, hybrid_view
-from pretrain.methods.base import Objective
+from pretrain.methods.base import Objective, config_section, register
 from pretrain.methods.grad_conflict import block_gradient_cosines, plot_cosines
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
 from pretrain.models import encoder_for
 
 
+@config_section("hybrid")
+class HybridConfig:
+    weight: float = 0.5  # lambda in L = (1 - lambda) L_MIM + lambda L_CL
+
+    def checks(self, config):
+        return [
+            (0 <= self.weight <= 1, "hybrid.weight", "in [0, 1]"),
+        ]
+
+
+@register("hybrid")
 class Hybrid(Objective):
     config_sections = ("hybrid", "mae", "moco")
     view = "hybrid"
@@ -26,28 +37,11 @@ class Hybrid(Objective):
 
     @classmethod
     def from_config(cls, config):
-        m, a, c = config.model, config.mae, config.moco
         encoder = encoder_for(config)
-        mae = MAE(
-            encoder,
-            a.mask_ratio,
-            a.decoder_dim,
-            a.decoder_depth,
-            a.decoder_heads,
-            a.norm_pix_loss,
-            m.grad_checkpointing,
-        )  # initializes the shared encoder, MAE's way
-        moco = MoCoV3(
-            encoder,
-            c.mlp_dim,
-            c.out_dim,
-            c.temperature,
-            c.momentum,
-            c.freeze_patch_embed,
-            m.grad_checkpointing,
-        )  # copies it into the momentum branch
-        hybrid = cls(encoder, mae, moco, config.hybrid.weight)
-        hybrid.view = Configured(hybrid_view, a.view, c.view1, c.view2)
+        mae = MAE.from_config(config, encoder)  # initializes the shared encoder, MAE's way
+        moco = MoCoV3.from_config(config, encoder)  # copies it into the momentum branch
+        hybrid = cls(encoder, mae, moco, weight=config.hybrid.weight)
+        hybrid.view = Configured(hybrid_view, config.mae.view, config.moco.view1, config.moco.view2)
         return hybrid
 
     def losses(self, views):

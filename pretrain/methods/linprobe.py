@@ -27,11 +27,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.data.views import finetune_view
-from pretrain.methods.base import Objective
+from pretrain.methods.base import Objective, config_section, register
 from pretrain.methods.finetune import num_classes_of
 from pretrain.models import create_classifier
 
+PROTOCOLS = ("mae", "mocov3")  # whose head: main_linprobe.py's or main_lincls.py's
 
+
+@config_section("linprobe")
+class LinprobeConfig:
+    """Linear probing on a frozen encoder (method: linprobe); its data, val and pool are the `finetune`
+    section's. `protocol` names whose head: mae (main_linprobe.py: BatchNorm without affine, then the
+    linear layer) or mocov3 (main_lincls.py: the linear layer alone). The optimizer is optim.optimizer."""
+
+    protocol: str = "mae"
+
+    def checks(self, config):
+        return [
+            (self.protocol in PROTOCOLS, "linprobe.protocol", f"one of {', '.join(PROTOCOLS)}"),
+        ]
+
+
+@register("linprobe")
 class LinearProbe(Objective):
     config_sections = ("linprobe", "finetune")
     uses_labels = True
@@ -72,7 +89,7 @@ class LinearProbe(Objective):
             pool=c.pool,
         )
         augmentation = dict(min_scale=c.min_scale, flip=c.flip, interpolation=c.interpolation)
-        return cls(classifier_args, config.linprobe.protocol, augmentation)
+        return cls(classifier_args, protocol=config.linprobe.protocol, augmentation=augmentation)
 
     def make_classifier(self):
         """A new module of this probe's structure (the model, and copies that measure its weights)."""

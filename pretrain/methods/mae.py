@@ -6,12 +6,14 @@ and predicts the pixels of every patch. The loss is the MSE on the masked patche
 normalized pixels with `norm_pix_loss`. Follows facebookresearch/mae's models_mae.py.
 """
 
+from dataclasses import field
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pretrain.data.views import IMAGENET_MEAN, IMAGENET_STD, Configured, single_view
-from pretrain.methods.base import Objective
+from pretrain.data.views import IMAGENET_MEAN, IMAGENET_STD, Configured, ViewConfig, mae_recipe, single_view
+from pretrain.methods.base import Objective, config_section, register
 from pretrain.models import (
     enable_block_checkpointing,
     encoder_for,
@@ -20,6 +22,23 @@ from pretrain.models import (
     unpatchify,
     use_encoder_tokens,
 )
+
+
+@config_section("mae")
+class MAEConfig:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    view: ViewConfig = field(default_factory=mae_recipe)  # also the masked view of hybrid
+
+    def checks(self, config):
+        return [
+            (0 < self.mask_ratio < 1, "mae.mask_ratio", "between 0 and 1"),
+            (self.decoder_dim > 0, "mae.decoder_dim", "positive"),
+            (self.decoder_heads > 0, "mae.decoder_heads", "positive"),
+        ]
 
 
 def init_mae_weights(method):
@@ -64,6 +83,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))[:, 1:]
 
 
+@register("mae")
 class MAE(Objective):
     config_sections = ("mae",)
     view = "mae"
@@ -97,18 +117,18 @@ class MAE(Objective):
             enable_block_checkpointing(self.decoder.blocks)
 
     @classmethod
-    def from_config(cls, config):
-        m = config.model
-        encoder = encoder_for(config, m.grad_checkpointing)
-        c = config.mae
+    def from_config(cls, config, encoder=None):
+        """MAE of `config.mae`, around a new encoder, or around `encoder` when a composite method shares
+        one (hybrid, CMAE: MAE initializes it its way; their other parts add block checkpointing)."""
+        c, checkpointing = config.mae, config.model.grad_checkpointing
         mae = cls(
-            encoder,
-            c.mask_ratio,
-            c.decoder_dim,
-            c.decoder_depth,
-            c.decoder_heads,
-            c.norm_pix_loss,
-            m.grad_checkpointing,
+            encoder or encoder_for(config, checkpointing),
+            mask_ratio=c.mask_ratio,
+            decoder_dim=c.decoder_dim,
+            decoder_depth=c.decoder_depth,
+            decoder_heads=c.decoder_heads,
+            norm_pix_loss=c.norm_pix_loss,
+            grad_checkpointing=checkpointing,
         )
         mae.view = Configured(single_view, c.view)
         return mae

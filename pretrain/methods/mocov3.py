@@ -7,14 +7,37 @@ momentum encoder follows the online one with a momentum that rises from 0.99 to 
 Follows facebookresearch/moco-v3's moco/builder.py.
 """
 
+from dataclasses import field
+
 import torch
 
-from pretrain.data.views import Configured, two_views
+from pretrain.data.views import Configured, ViewConfig, byol_recipe, two_views
+from pretrain.methods.base import config_section, register
 from pretrain.methods.momentum import MomentumBranch, MomentumObjective, info_nce
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
+@config_section("moco")
+class MoCoConfig:
+    temperature: float = 0.2
+    mlp_dim: int = 4096
+    out_dim: int = 256
+    momentum: float = 0.99  # start of the cosine schedule to 1
+    freeze_patch_embed: bool = True  # MoCo v3's stability trick: a fixed random patch projection
+    view1: ViewConfig = field(default_factory=byol_recipe)  # BYOL's asymmetric pair (also hybrid's)
+    view2: ViewConfig = field(default_factory=lambda: byol_recipe(second=True))
+
+    def checks(self, config):
+        return [
+            (0 <= self.momentum < 1, "moco.momentum", "in [0, 1)"),
+            (self.temperature > 0, "moco.temperature", "positive"),
+            (self.mlp_dim > 0, "moco.mlp_dim", "positive"),
+            (self.out_dim > 0, "moco.out_dim", "positive"),
+        ]
+
+
+@register("mocov3")
 class MoCoV3(MomentumObjective):
     config_sections = ("moco",)
     view = "byol"
@@ -44,17 +67,17 @@ class MoCoV3(MomentumObjective):
             enable_block_checkpointing(encoder.blocks)
 
     @classmethod
-    def from_config(cls, config):
-        m, c = config.model, config.moco
-        encoder = encoder_for(config)
+    def from_config(cls, config, encoder=None):
+        """MoCo v3 of `config.moco`, around a new encoder or a shared one (hybrid)."""
+        c = config.moco
         moco = cls(
-            encoder,
-            c.mlp_dim,
-            c.out_dim,
-            c.temperature,
-            c.momentum,
-            c.freeze_patch_embed,
-            m.grad_checkpointing,
+            encoder or encoder_for(config),
+            mlp_dim=c.mlp_dim,
+            out_dim=c.out_dim,
+            temperature=c.temperature,
+            momentum=c.momentum,
+            freeze_patch_embed=c.freeze_patch_embed,
+            grad_checkpointing=config.model.grad_checkpointing,
         )
         moco.view = Configured(two_views, c.view1, c.view2)
         return moco

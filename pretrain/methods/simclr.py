@@ -6,16 +6,32 @@ gathered from every rank *with* gradient (`all_gather_with_grad`), so every view
 every other with its gradient, as in a single-process batch of the global size.
 """
 
+from dataclasses import field
+
 import torch
 import torch.nn.functional as F
 
 from pretrain.core.distributed import all_gather_with_grad, rank
-from pretrain.data.views import Configured, two_views
-from pretrain.methods.base import Objective
+from pretrain.data.views import Configured, ViewConfig, simclr_recipe, two_views
+from pretrain.methods.base import Objective, config_section, register
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
 
 
+@config_section("simclr")
+class SimCLRConfig:
+    temperature: float = 0.1
+    mlp_dim: int = 2048  # projector: encoder -> mlp_dim -> out_dim, BatchNorm between
+    out_dim: int = 128
+    view: ViewConfig = field(default_factory=simclr_recipe)  # both views
+
+    def checks(self, config):
+        return [
+            (self.temperature > 0, "simclr.temperature", "positive"),
+        ]
+
+
+@register("simclr")
 class SimCLR(Objective):
     config_sections = ("simclr",)
     view = "simclr"
@@ -30,9 +46,14 @@ class SimCLR(Objective):
 
     @classmethod
     def from_config(cls, config):
-        m, c = config.model, config.simclr
-        encoder = encoder_for(config)
-        simclr = cls(encoder, c.mlp_dim, c.out_dim, c.temperature, m.grad_checkpointing)
+        c = config.simclr
+        simclr = cls(
+            encoder_for(config),
+            mlp_dim=c.mlp_dim,
+            out_dim=c.out_dim,
+            temperature=c.temperature,
+            grad_checkpointing=config.model.grad_checkpointing,
+        )
         simclr.view = Configured(two_views, c.view, c.view)
         return simclr
 

@@ -2,18 +2,28 @@
 the target; no negatives, no momentum encoder. Loss D(p1, z2)/2 + D(p2, z1)/2 with D the negative
 cosine: the stop-gradient is what keeps it from collapsing. Follows facebookresearch/simsiam's builder."""
 
+from dataclasses import field
+
 import torch.nn.functional as F
 
-from pretrain.data.views import Configured, two_views
-from pretrain.methods.base import Objective
+from pretrain.data.views import Configured, ViewConfig, simsiam_recipe, two_views
+from pretrain.methods.base import Objective, config_section, register
 from pretrain.methods.pair_metrics import pair_metrics
 from pretrain.models import enable_block_checkpointing, encoder_for, mlp, sync_batchnorm
+
+
+@config_section("simsiam")
+class SimSiamConfig:
+    dim: int = 2048  # projector: 3 layers of dim, BatchNorm after each
+    pred_dim: int = 512  # predictor bottleneck
+    view: ViewConfig = field(default_factory=simsiam_recipe)  # both views
 
 
 def negative_cosine(prediction, target):
     return -F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1).mean()
 
 
+@register("simsiam")
 class SimSiam(Objective):
     config_sections = ("simsiam",)
     view = "simsiam"
@@ -28,9 +38,13 @@ class SimSiam(Objective):
 
     @classmethod
     def from_config(cls, config):
-        m, c = config.model, config.simsiam
-        encoder = encoder_for(config)
-        simsiam = cls(encoder, c.dim, c.pred_dim, m.grad_checkpointing)
+        c = config.simsiam
+        simsiam = cls(
+            encoder_for(config),
+            dim=c.dim,
+            pred_dim=c.pred_dim,
+            grad_checkpointing=config.model.grad_checkpointing,
+        )
         simsiam.view = Configured(two_views, c.view, c.view)
         return simsiam
 
