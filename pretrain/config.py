@@ -36,12 +36,10 @@ class RunConfig:
     save_every: int = 1000  # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     keep_last: int = 3  # checkpoints kept
     max_steps: int = 0  # stop after this many steps in total (0: run the whole schedule)
-    diagnostics_every: int = (
-        100  # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
-    )
-    knn_every: int = (
-        0  # steps between online kNN measurements (eval/knn_top1) on data.knn_train/knn_val; 0: off
-    )
+    # steps between a method's extra measurements (hybrid: gradient cosines); 0: off
+    diagnostics_every: int = 100
+    # steps between online kNN measurements (eval/knn_top1) on data.knn_train/knn_val; 0: off
+    knn_every: int = 0
     knn_pool: str = "token"  # the kNN monitor's features: class token | mean (of the patch tokens)
     # Seconds a collective may wait for a silent peer before every rank stops with an error (a dead peer
     # is noticed at once; this catches a hung one). Long enough for the slowest checkpoint write.
@@ -50,12 +48,10 @@ class RunConfig:
     # from a divergence. The later tags are kept, renamed TAG.abandoned.
     resume_tag: str = ""
     skip_batches: int = 0  # with resume_tag: skip this many steps' batches after it (those that blew up)
-    lr_factor: float = (
-        1.0  # multiplies the learning rate of every group (lower it to recover from a divergence)
-    )
-    # Divergence guards (pretrain/training/divergence.py): stop, keeping the checkpoint from before, when
-    # the loss
-    # exceeds loss_spike x its running mean, or the gradient norm grad_norm_spike x its own (0: off).
+    # multiplies the learning rate of every group (lower it to recover from a divergence)
+    lr_factor: float = 1.0
+    # Divergence guards (pretrain/training/divergence.py): stop, keeping the checkpoint from before, when the
+    # loss exceeds loss_spike x its running mean, or the gradient norm grad_norm_spike x its own (0: off).
     loss_spike: float = 5.0
     grad_norm_spike: float = 0.0
 
@@ -116,9 +112,8 @@ class OptimConfig:
     # Parameters without weight decay: none | 1d (biases, norms) | 1d_tokens (and position embeddings,
     # class / mask tokens); empty: the method's official recipe (MoCo v3 none, MAE 1d, fine-tuning 1d_tokens).
     decay_exempt: str = ""
-    optimizer: str = (
-        "adamw"  # adamw (betas) | lars (timm's, MAE's linear probe) | sgd (MoCo v3's linear probe)
-    )
+    # adamw (betas) | lars (timm's, MAE's linear probe) | sgd (MoCo v3's linear probe)
+    optimizer: str = "adamw"
     momentum: float = 0.9  # lars and sgd
 
 
@@ -135,17 +130,15 @@ class GraftConfig:
     upper_scale: float = 1.0  # split / ramp / freeze
     ramp_width: float = 1.0  # ramp: layers over which the scale changes by a factor e^1 of its log-range
     l1_weight: float = 0.0  # pull toward the starting weights: l1_weight * sum |w - w0| ...
-    l1_to_layer: int = (
-        12  # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
-    )
+    # ... over the parameters of layer ids 0 .. l1_to_layer (12: patch embed + blocks 0-11)
+    l1_to_layer: int = 12
     # auto: split from the measured per-block MIM-vs-CL gradient cosine (pretrain/graft/auto_split.py)
     auto_from: str = ""  # a hybrid run whose logged cosines decide; empty: probe first (RUN_DIR/graft_probe)
     probe_steps: int = 300  # hybrid steps of the probe, from graft.init
     probe_every: int = 25  # steps between its measurements
     auto_threshold: float = 0.0  # cosine below which a block counts as conflicting ...
-    auto_confidence: float = (
-        2.0  # ... if this many standard errors away (0: always); if no block is: keep split
-    )
+    # ... if this many standard errors away (0: always); if no block is: keep split
+    auto_confidence: float = 2.0
 
 
 @dataclass

@@ -46,22 +46,19 @@ class FinetuneConfig:
     are graft.init."""
 
     val: str = ""  # manifest of the split measured at the end (RUN_DIR/eval_<method>.json); empty: none
-    eval_every: float = (
-        0.0  # epochs between measurements on val during training (best and last kept); 0: the end only
-    )
+    # epochs between measurements on val during training (best and last kept); 0: the end only
+    eval_every: float = 0.0
     keep_best: bool = True  # with eval_every: write the best measured weights to RUN_DIR/classifier_best.pth
     num_classes: int = 0  # 0: as many as data.train's manifest lists
     pool: str = "mean"  # mean (of the patch tokens, MAE's global pool, then a LayerNorm) | token
     label_smoothing: float = 0.1
     min_scale: float = 0.08  # augmentation: random resized crops of min_scale-100 % of the image ...
-    interpolation: str = (
-        "bicubic"  # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
-    )
+    # ... resized so (MAE; torchvision's default, MoCo v3's lincls: bilinear) ...
+    interpolation: str = "bicubic"
     flip: bool = True  # ... horizontal flips ...
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # ... timm's RandAugment of this spec (empty: off) ...
-    random_erasing: float = (
-        0.0  # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
-    )
+    # ... timm's RandomErasing with this probability (MAE: 0.25, per-pixel noise) ...
+    random_erasing: float = 0.0
     mixup: float = 0.0  # ... and timm's Mixup: mixup alpha (MAE: 0.8; 0: off) ...
     cutmix: float = 0.0  # ... cutmix alpha (MAE: 1.0; 0: off) ...
     mix_switch_prob: float = 0.5  # ... the chance of cutmix rather than mixup when both are on
@@ -155,9 +152,8 @@ class FineTune(Objective):
             else None
         )
         self.ema_decay = ema_decay
-        self.__dict__["ema"] = (
-            None  # a timm ModelEmaV3 outside the module tree: not trained, not in the engine
-        )
+        # a timm ModelEmaV3 outside the module tree: not trained, not in the engine
+        self.__dict__["ema"] = None
 
     @classmethod
     def from_config(cls, config):

@@ -56,9 +56,9 @@ FP16 = {
 # What the loader counts (pretrain.data.loader): samples replaced, samples lost with their shards, shards
 # skipped.
 DATA_COUNTS = ("bad_samples", "lost_samples", "skipped_shards")
-# Settings that may change between a run and its resumption (they change nothing the run computes, or
-# are the recovery tools); any other difference is refused. data.num_workers is not one: each worker
-# draws its own shards.
+# Settings that may change between a run and its resumption (they change nothing the run computes, or are the
+# recovery tools); any other difference is refused. data.num_workers is not one: each worker draws its own
+# shards.
 RESUMABLE_CHANGES = (
     "run.log_every",
     "run.image_every",
