@@ -8,7 +8,9 @@ before any work starts; `Config.validate` checks the ranges, each method section
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -355,7 +357,7 @@ def parse_override(text):
     return nested
 
 
-def load_config(path=None, overrides=()):
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SharedConfig:
     """Defaults, then the YAML file, then each override in order; validated."""
     config = Config()
     if path is not None:
@@ -372,9 +374,9 @@ def load_config(path=None, overrides=()):
     return config.validate()
 
 
-def to_dict(config):
+def to_dict(config: SharedConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def dump_config(config):
+def dump_config(config: SharedConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)

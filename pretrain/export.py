@@ -25,7 +25,7 @@ from pretrain.core.weights import consolidated_state_dict, encoder_state
 from pretrain.models import timm_name
 
 
-def export(run_dir, out, tag=None):
+def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict:
     """Write the encoder of `run_dir`'s checkpoint (latest by default) to `out`; return the timm kwargs."""
     import timm
 

@@ -12,6 +12,7 @@ name the caller knows the source by (a config key, a command-line argument).
 import contextlib
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ PREFIXES = ("module.", "base_encoder.", "encoder.")
 ENCODER = "encoder."  # an objective's encoder parameters, as the engine's checkpoints name them
 
 
-def consolidated_state_dict(ckpt_dir, tag):
+def consolidated_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """The objective's full float32 state_dict from checkpoint `tag`.
 
     Stages 0-2 keep the whole module (in the training dtype) in mp_rank_00_model_states.pt; that gives
@@ -53,12 +54,12 @@ def consolidated_state_dict(ckpt_dir, tag):
     return state
 
 
-def encoder_state(state):
+def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The `encoder.` part of an objective's state_dict, without the prefix."""
     return {k[len(ENCODER) :]: v for k, v in state.items() if k.startswith(ENCODER)}
 
 
-def read_state_dict(source, what="weights"):
+def read_state_dict(source: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
     """The state_dict stored at `source` (run directory or file), with wrapper prefixes removed."""
     source = Path(source)
     if source.is_dir():
@@ -87,7 +88,13 @@ def read_state_dict(source, what="weights"):
     return cleaned
 
 
-def load_encoder_weights(encoder, source, fresh=(), state=None, what="weights"):
+def load_encoder_weights(
+    encoder: torch.nn.Module,
+    source: str | Path,
+    fresh: Sequence[str] = (),
+    state: dict[str, torch.Tensor] | None = None,
+    what: str = "weights",
+) -> int:
     """Copy the encoder weights from `source` (or its `state`, read already) into `encoder`, but for the
     keys starting with a prefix in `fresh`, which keep their initialization; return how many keys of
     `source` were ignored."""

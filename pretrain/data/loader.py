@@ -441,6 +441,6 @@ class ShardLoader:
                 shutdown()
 
 
-def make_loader(manifest, batch_size, **options):
+def make_loader(manifest: str | os.PathLike, batch_size: int, **options) -> "ShardLoader":
     """A `ShardLoader` for a manifest (a path or a `Manifest`); see `ShardLoader` for the options."""
     return ShardLoader(manifest, batch_size, **options)

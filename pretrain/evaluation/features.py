@@ -1,6 +1,7 @@
 """Frozen features of a split, and the kNN and linear probes on them."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from pretrain.evaluation.measures import block_tokens
 from pretrain.models import TIMM_NAMES, create_encoder, pool_tokens
 
 
-def encoder_from(source, arch, img_size, patch_size):
+def encoder_from(source: str | Path, arch: str, img_size: int, patch_size: int) -> nn.Module:
     """The encoder of `source` in eval mode. A global-pool classifier (MAE's fine-tuned release files and
     our classifier.pth: `fc_norm` and no `norm`) keeps that layout: its "mean" features pass `fc_norm`."""
     encoder = create_encoder(arch, img_size, patch_size)
@@ -31,8 +32,15 @@ def encoder_from(source, arch, img_size, patch_size):
 
 @torch.no_grad()
 def extract_features(
-    encoder, manifest, img_size, pools=("token",), layers=(-1,), batch_size=256, num_workers=1, progress=False
-):
+    encoder: nn.Module,
+    manifest: str | Path,
+    img_size: int,
+    pools: Sequence[str] = ("token",),
+    layers: Sequence[int] = (-1,),
+    batch_size: int = 256,
+    num_workers: int = 1,
+    progress: bool = False,
+) -> tuple[dict[tuple[str, int], torch.Tensor], torch.Tensor]:
     """({(pool, layer): (N, D) features}, labels) of every image of a split, in shard order, in one pass.
 
     pool "token": the class token, "mean": the mean patch token; layer -1: the normalized output of the
@@ -63,8 +71,15 @@ def extract_features(
 
 
 def linear_probe_accuracy(
-    train_features, train_labels, val_features, val_labels, epochs=300, lr=1e-2, weight_decay=0.0, seed=0
-):
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> float:
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     generator = torch.Generator().manual_seed(seed)
     head = nn.Sequential(
@@ -100,7 +115,14 @@ def few_shot(labels, shots):
     return torch.cat([(labels == c).nonzero().flatten()[:shots] for c in labels.unique()])
 
 
-def frozen_scores(encoder, train_manifest, val_manifest, img_size, pools=("token",), shots=10):
+def frozen_scores(
+    encoder: nn.Module,
+    train_manifest: str | Path,
+    val_manifest: str | Path,
+    img_size: int,
+    pools: Sequence[str] = ("token",),
+    shots: int = 10,
+) -> dict[str, float]:
     """Frozen-feature top-1 (%) on val of the last block's features, per pool: kNN (`knn_<pool>`), the
     linear probe with every label (`linear_<pool>`) and with `shots` per class
     (`linear<shots>shot_<pool>`)."""

@@ -8,7 +8,14 @@ K, TEMPERATURE = 20, 0.07
 
 
 @torch.no_grad()
-def knn_accuracy(train_features, train_labels, val_features, val_labels, k=K, temperature=TEMPERATURE):
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+) -> float:
     """Top-1 (a fraction) of val: cosine similarity to the train features, the k nearest vote with
     weight exp(similarity / temperature)."""
     train_features, val_features = (

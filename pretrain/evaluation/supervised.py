@@ -20,7 +20,7 @@ from pretrain.methods.finetune import num_classes_of
 from pretrain.models import classifier_kwargs
 
 
-def supervised_result(config, step):
+def supervised_result(config, step: int) -> dict:
     """Top-1 of a fine-tuning or linear-probe run `config` (its latest checkpoint) on finetune.val, as a
     result dict, with the best of its periodic measurements (finetune.eval_every) when there were any.
 

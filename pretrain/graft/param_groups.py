@@ -9,6 +9,11 @@ whatever the depth (DeepSpeed slows down with many groups).
 
 import math
 import re
+from collections.abc import Callable
+
+import torch
+
+from pretrain.methods.base import Objective
 
 BLOCK = re.compile(r"(?:^|\.)encoder\.blocks\.(\d+)\.")
 EMBEDDING = re.compile(r"(?:^|\.)encoder\.(patch_embed|cls_token|pos_embed|reg_token)")
@@ -84,7 +89,13 @@ def graft_rule(graft, depth):
     return lambda layer: 1.0
 
 
-def param_groups(model, depth, weight_decay, lr_scale_of_layer=lambda layer: 1.0, decay_exempt="1d_tokens"):
+def param_groups(
+    model: torch.nn.Module,
+    depth: int,
+    weight_decay: float,
+    lr_scale_of_layer: Callable[[int], float] = lambda layer: 1.0,
+    decay_exempt: str = "1d_tokens",
+) -> list[dict]:
     """Groups for torch optimizers: dicts with params, weight_decay, lr_scale and layer_ids (sorted);
     `decay_exempt` names the parameters without weight decay (see `uses_weight_decay`).
 
@@ -120,7 +131,7 @@ def layer_span(layer_ids):
     return f"{ids[0]}-{ids[-1]}" if consecutive else ",".join(map(str, ids))
 
 
-def format_param_groups(groups):
+def format_param_groups(groups: list[dict]) -> str:
     """One line per group: layer ids, lr_scale, weight decay, parameter count."""
     lines = [
         f"{'group':>5}  {'layer ids':<24}{'lr_scale':>10}{'weight_decay':>14}{'params':>14}{'tensors':>9}"
@@ -135,7 +146,7 @@ def format_param_groups(groups):
     return "\n".join(lines)
 
 
-def objective_param_groups(objective, config):
+def objective_param_groups(objective: Objective, config) -> list[dict]:
     """The groups of a training run: the graft rule, or layer decay from config.optim (1.0 = every layer
     alike); weight-decay exemptions from optim.decay_exempt, or the method's recipe when it is empty."""
     depth = len(objective.encoder.blocks)

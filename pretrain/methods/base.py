@@ -7,7 +7,9 @@ config from SECTIONS, so nothing else needs to know the method.
 """
 
 import dataclasses
+import typing
 
+import torch
 from torch import nn
 
 OBJECTIVES: dict[str, type["Objective"]] = {}  # `method:` -> its Objective
@@ -70,12 +72,12 @@ class Objective(nn.Module):
     * `l1_pull`: an optional `pretrain.graft.l1_pull.L1Pull`; `regularized(outputs)` adds it to the loss.
     """
 
-    view = "eval"
+    view: "str | typing.Callable" = "eval"
     config_sections: tuple[str, ...] = ()
-    decay_exempt = "1d_tokens"
-    uses_labels = False
-    scored_on_val = False
-    fresh_weights = ()
+    decay_exempt: str = "1d_tokens"
+    uses_labels: bool = False
+    scored_on_val: bool = False
+    fresh_weights: tuple[str, ...] = ()
     encoder: nn.Module
 
     def __init__(self):
@@ -86,27 +88,27 @@ class Objective(nn.Module):
     def from_config(cls, config) -> "Objective":
         raise NotImplementedError(f"{cls.__name__} must say how the run config builds it (from_config)")
 
-    def regularized(self, outputs):
+    def regularized(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.l1_pull is not None:
             pull = self.l1_pull()
             outputs["loss"] = outputs["loss"] + pull
             outputs["loss_l1_pull"] = pull.detach()
         return outputs
 
-    def on_encoder_loaded(self):
+    def on_encoder_loaded(self) -> None:
         pass
 
-    def after_step(self, step, total_steps):
+    def after_step(self, step: int, total_steps: int) -> None:
         pass
 
-    def extra_state(self):
+    def extra_state(self) -> dict:
         return {}
 
-    def load_extra_state(self, state):
+    def load_extra_state(self, state: dict) -> None:
         pass
 
-    def images_to_log(self, images):
+    def images_to_log(self, images) -> torch.Tensor | None:
         return None
 
-    def diagnostics(self, images):
+    def diagnostics(self, images) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         return {}, {}
