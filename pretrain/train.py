@@ -56,7 +56,7 @@ def main(argv=None):
                     "graft.rule=auto without graft.auto_from decides the split in a probe run; "
                     "give graft.auto_from=RUN to print the groups it would choose"
                 )
-            auto_split.resolve(config, train=None)
+            config = auto_split.with_split(config, auto_split.decide_split(config, train=None)[0])
         objective = grafted_objective(config)
         print(format_param_groups(objective_param_groups(objective, config)))
         frozen = sum(p.numel() for p in objective.parameters() if not p.requires_grad)
@@ -80,7 +80,13 @@ def run(config):
 
     default_env_for_single_process()
     try:
-        step, signum = train(config)
+        auto_curve = None
+        if config.graft.rule == "auto":  # first the probe (a hybrid run of its own) decides the split
+            auto_curve, signum = auto_split.decide_split(config, train)
+            if signum:
+                return 128 + signum
+            config = auto_split.with_split(config, auto_curve)
+        step, signum = train(config, auto_curve)
     except TrainingDiverged as error:
         print(f"lg-pretrain: stopped: {error}", file=sys.stderr)
         return 3

@@ -7,7 +7,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.core.errors import UserError
-from pretrain.graft.auto_split import choose_split, read_cosines, resolve
+from pretrain.graft.auto_split import choose_split, decide_split, read_cosines, with_split
 from pretrain.graft.param_groups import graft_rule, objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
 from pretrain.training.engine import deepspeed_config
@@ -196,10 +196,13 @@ def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
             f"run.dir={tmp_path / 'run'}",
         ],
     )
-    curve, _ = resolve(config, train=None)
-    assert config.graft.split == curve["split"] == 6  # blocks 0-5 agree (block 5: 0.05), block 6 on conflict
+    configured = config.graft.split
+    curve, _ = decide_split(config, train=None)
+    decided = with_split(config, curve)
+    assert decided.graft.split == curve["split"] == 6  # blocks 0-5 agree (block 5: 0.05), block 6 on conflict
+    assert config.graft.split == configured, "deciding changes no config: the run trains the decided copy"
     assert json.loads((tmp_path / "run" / "graft_auto.json").read_text())["split"] == 6
-    groups = objective_param_groups(grafted_objective(config), config)
+    groups = objective_param_groups(grafted_objective(decided), decided)
     scales = {layer: g["lr_scale"] for g in groups for layer in g["layer_ids"]}
     assert scales[6] == 0.1 and scales[7] == 1.0  # layer id = block + 1
     noisy = load_config(
@@ -218,8 +221,10 @@ def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
         for block in range(12):
             writer.add_scalar(f"grad_cosine/block_{block:02d}", sign * 0.02, step)
     writer.close()
-    curve, _ = resolve(noisy, train=None)
-    assert not curve["decided"] and noisy.graft.split == 5, "a probe that cannot tell keeps graft.split"
+    curve, _ = decide_split(noisy, train=None)
+    assert not curve["decided"] and curve["split"] == with_split(noisy, curve).graft.split == 5, (
+        "a probe that cannot tell keeps graft.split"
+    )
     with pytest.raises(UserError, match="has no grad_cosine/block_NN scalars"):
         read_cosines(tmp_path / "run")
     with pytest.raises(UserError, match="graft.rule = 'auto' must be auto only with graft.init"):

@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from pretrain.core.distributed import is_distributed, rank
 from pretrain.core.errors import UserError
+from pretrain.methods.grad_conflict import COSINE_TAG
 
 log = logging.getLogger("lg-pretrain")
-TAG = "grad_cosine/block_"
 
 
 def read_cosines(source):
@@ -52,10 +52,10 @@ def read_cosines(source):
         raise UserError(f"graft.auto_from: {source} is not a run directory or TensorBoard log directory")
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
-    tags = sorted(t for t in events.Tags()["scalars"] if t.startswith(TAG))
+    tags = sorted(t for t in events.Tags()["scalars"] if t.startswith(COSINE_TAG))
     if not tags:
         raise UserError(
-            f"graft.auto_from: {log_dir} has no {TAG}NN scalars (log them with a hybrid run and "
+            f"graft.auto_from: {log_dir} has no {COSINE_TAG}NN scalars (log them with a hybrid run and "
             "run.diagnostics_every > 0)"
         )
     curves = [[e.value for e in events.Scalars(tag)] for tag in tags]
@@ -104,9 +104,10 @@ def probe_config(config):
     return probe
 
 
-def resolve(config, train):
-    """Fill config.graft.split from the measured curve (running the probe with `train` if needed).
-    Returns (curve, signal number that stopped the probe or 0)."""
+def decide_split(config, train):
+    """The split the measured curve chooses (running the probe with `train` first if needed), as the curve
+    record (curve["split"]; the configured graft.split when the probe cannot tell); `config` is left as
+    it is. Returns (curve, signal number that stopped the probe or 0)."""
     g = config.graft
     source = g.auto_from
     if not source:
@@ -133,7 +134,7 @@ def resolve(config, train):
             g.auto_threshold,
             g.split,
         )
-    g.split = g.split if chosen is None else chosen
+    split = g.split if chosen is None else chosen
     curve = {
         "source": str(source),
         "steps": steps,
@@ -142,18 +143,18 @@ def resolve(config, train):
         "threshold": g.auto_threshold,
         "confidence": g.auto_confidence,
         "decided": chosen is not None,
-        "split": g.split,
+        "split": split,
     }
     if rank() == 0:
         table = "\n".join(
             f"  block {i:2d}  cosine {c:+.3f} ± {'?' if e is None else f'{e:.3f}'}  "
-            f"{'lower' if i < g.split else 'upper'}"
+            f"{'lower' if i < split else 'upper'}"
             for i, (c, e) in enumerate(zip(cosines, errors))
         )
         log.info(
             "graft.rule=auto: split %d (blocks 0-%d at lr_scale %g, the rest at %g), from %s (steps %s):\n%s",
-            g.split,
-            g.split - 1,
+            split,
+            split - 1,
             g.lower_scale,
             g.upper_scale,
             source,
@@ -163,3 +164,10 @@ def resolve(config, train):
         Path(config.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(config.run.dir) / "graft_auto.json").write_text(json.dumps(curve, indent=1))
     return curve, 0
+
+
+def with_split(config, curve):
+    """A copy of `config` that trains rule `auto` at the split `curve` (decide_split's) chose."""
+    decided = copy.deepcopy(config)
+    decided.graft.split = curve["split"]
+    return decided

@@ -99,7 +99,8 @@ def param_groups(
     """Groups for torch optimizers: dicts with params, weight_decay, lr_scale and layer_ids (sorted);
     `decay_exempt` names the parameters without weight decay (see `uses_weight_decay`).
 
-    Frozen parameters (requires_grad False) are left out; a layer whose lr_scale is 0 is frozen here.
+    Frozen parameters (requires_grad False) are left out, and so are layers whose lr_scale is 0 (the
+    freeze rule: pretrain.graft.start_weights freezes them when it builds the objective).
     """
     groups = {}
     for name, param in model.named_parameters():
@@ -108,7 +109,6 @@ def param_groups(
         layer = layer_id(name, depth)
         scale = float(lr_scale_of_layer(layer))
         if scale == 0:
-            param.requires_grad_(False)
             continue
         decay = weight_decay if uses_weight_decay(name, param, decay_exempt) else 0.0
         group = groups.setdefault(
@@ -146,14 +146,17 @@ def format_param_groups(groups: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lr_scale_rule(config, depth: int) -> Callable[[int], float]:
+    """A run's learning-rate scale per layer id: the graft rule, or layer decay from config.optim (1.0 =
+    every layer alike)."""
+    if config.graft.rule != "none":
+        return graft_rule(config.graft, depth)
+    return layer_decay_rule(depth, config.optim.layer_decay)
+
+
 def objective_param_groups(objective: Objective, config) -> list[dict]:
-    """The groups of a training run: the graft rule, or layer decay from config.optim (1.0 = every layer
-    alike); weight-decay exemptions from optim.decay_exempt, or the method's recipe when it is empty."""
+    """The groups of a training run: lr_scale_rule's scales; weight-decay exemptions from
+    optim.decay_exempt, or the method's recipe when it is empty."""
     depth = len(objective.encoder.blocks)
-    rule = (
-        graft_rule(config.graft, depth)
-        if config.graft.rule != "none"
-        else layer_decay_rule(depth, config.optim.layer_decay)
-    )
     exempt = config.optim.decay_exempt or objective.decay_exempt
-    return param_groups(objective, depth, config.optim.weight_decay, rule, exempt)
+    return param_groups(objective, depth, config.optim.weight_decay, lr_scale_rule(config, depth), exempt)

@@ -20,6 +20,9 @@ from PIL import Image, ImageDraw
 
 from pretrain.core.distributed import is_distributed
 
+# TensorBoard tag prefix of the per-block cosines (block NN: PREFIX + f"{NN:02d}"); graft.rule=auto reads them
+COSINE_TAG = "grad_cosine/block_"
+
 
 def block_gradient_cosines(loss_a, loss_b, blocks):
     """Cosine between d loss_a / d theta and d loss_b / d theta for the parameters of each block."""

@@ -9,7 +9,7 @@ import torch
 
 from pretrain.data.views import Configured, hybrid_view
 from pretrain.methods.base import Objective, config_section, register
-from pretrain.methods.grad_conflict import block_gradient_cosines, plot_cosines
+from pretrain.methods.grad_conflict import COSINE_TAG, block_gradient_cosines, plot_cosines
 from pretrain.methods.mae import MAE
 from pretrain.methods.mocov3 import MoCoV3
 from pretrain.models import encoder_for
@@ -64,7 +64,7 @@ class Hybrid(Objective):
         """Per-block cosine between the gradients of the MIM and the CL loss (all ranks must call it)."""
         mim, cl = self.losses(views)
         cosines = block_gradient_cosines(mim["loss"], cl["loss"], self.encoder.blocks)
-        scalars = {f"grad_cosine/block_{i:02d}": value for i, value in enumerate(cosines)}
+        scalars = {f"{COSINE_TAG}{i:02d}": value for i, value in enumerate(cosines)}
         return scalars, {"grad_cosine_per_block": plot_cosines(cosines)}
 
     def after_step(self, step, total_steps):

@@ -32,7 +32,6 @@ from pretrain.data.manifest import Manifest
 from pretrain.data.views import normalize
 from pretrain.evaluation.knn_monitor import KNNMonitor
 from pretrain.evaluation.validation import ValMonitor
-from pretrain.graft import auto_split
 from pretrain.graft.param_groups import format_param_groups, layer_span, objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
 from pretrain.methods import OBJECTIVES
@@ -264,35 +263,29 @@ class StopFlag:
             signal.signal(signum, handler)
 
 
-def train(config):
+def train(config, auto_curve=None):
     """Run (or resume) the training that `config` describes. Returns (last step, signal number that
-    stopped it or 0)."""
+    stopped it or 0). With graft.rule=auto, `auto_curve` is the measurement that chose config.graft.split
+    (pretrain.graft.auto_split.decide_split, a step before this one), logged at step 0."""
     stop = StopFlag()
     try:
-        return _train(config, stop)
+        return _train(config, stop, auto_curve)
     finally:
         stop.restore()
 
 
-def _train(config, stop):
+def _train(config, stop, auto_curve):
     deepspeed.init_distributed(timeout=set_collective_timeout(config.run.collective_timeout))
     lock = lock_run_dir(config.run.dir)  # before anything is written there
     try:
-        return _train_locked(config, stop)
+        return _train_locked(config, stop, auto_curve)
     finally:
         lock.release()
 
 
-def _train_locked(config, stop):
+def _train_locked(config, stop, auto_curve):
     world, is_main = world_size(), rank() == 0
     run_dir, ckpt_dir = Path(config.run.dir), Path(config.run.dir) / "ckpt"
-
-    auto_curve = None
-    if config.graft.rule == "auto":  # decide the split first (may run the probe, a hybrid run of its own)
-        auto_curve, signum = auto_split.resolve(config, train)
-        if signum:
-            return 0, signum
-
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank, in every run
     objective = grafted_objective(config)
     groups = objective_param_groups(objective, config)
