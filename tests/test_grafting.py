@@ -229,3 +229,17 @@ def test_auto_split_reads_a_saved_monitor_log(tmp_path, capsys):
         read_cosines(tmp_path / "run")
     with pytest.raises(UserError, match="graft.rule = 'auto' must be auto only with graft.init"):
         load_config(None, ["graft.rule=auto"])
+
+
+def test_weight_errors_name_the_source_as_its_caller_knows_it(tmp_path):
+    """Grafting says graft.init, evaluation says encoder: both read through pretrain.core.weights."""
+    from pretrain.evaluation.features import encoder_from
+
+    bad = tmp_path / "start.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"^graft.init: .*start.pth is not a readable PyTorch checkpoint"):
+        grafted_objective(load_config(None, ["method=mocov3", *TINY, f"graft.init={bad}"]))
+    with pytest.raises(UserError, match=r"^encoder: .*start.pth is not a readable PyTorch checkpoint"):
+        encoder_from(bad, "vit_tiny", 32, 8)
+    with pytest.raises(UserError, match=r"^encoder: .*nowhere does not exist"):
+        encoder_from(tmp_path / "nowhere", "vit_tiny", 32, 8)
