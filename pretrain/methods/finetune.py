@@ -113,6 +113,20 @@ def num_classes_of(config):
     return len(classes)
 
 
+def classifier_args_of(config, **extra):
+    """create_classifier's arguments for a supervised run of `config` (fine-tuning and linear probing
+    alike), with `extra` ones."""
+    m = config.model
+    return dict(
+        arch=m.arch,
+        img_size=config.data.img_size,
+        patch_size=m.patch,
+        num_classes=num_classes_of(config),
+        pool=config.finetune.pool,
+        **extra,
+    )
+
+
 @register("finetune")
 class FineTune(Objective):
     config_sections = ("finetune",)
@@ -158,14 +172,8 @@ class FineTune(Objective):
     @classmethod
     def from_config(cls, config):
         c, m = config.finetune, config.model
-        classifier_args = dict(
-            arch=m.arch,
-            img_size=config.data.img_size,
-            patch_size=m.patch,
-            num_classes=num_classes_of(config),
-            pool=c.pool,
-            drop_path=m.drop_path,
-            grad_checkpointing=m.grad_checkpointing,
+        classifier_args = classifier_args_of(
+            config, drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing
         )
         augmentation = dict(
             min_scale=c.min_scale, flip=c.flip, rand_augment=c.rand_augment, interpolation=c.interpolation

@@ -28,7 +28,7 @@ from torch import nn
 
 from pretrain.data.views import finetune_view
 from pretrain.methods.base import Objective, config_section, register
-from pretrain.methods.finetune import num_classes_of
+from pretrain.methods.finetune import classifier_args_of
 from pretrain.models import create_classifier
 
 PROTOCOLS = ("mae", "mocov3")  # whose head: main_linprobe.py's or main_lincls.py's
@@ -80,14 +80,8 @@ class LinearProbe(Objective):
 
     @classmethod
     def from_config(cls, config):
-        c, m = config.finetune, config.model
-        classifier_args = dict(
-            arch=m.arch,
-            img_size=config.data.img_size,
-            patch_size=m.patch,
-            num_classes=num_classes_of(config),
-            pool=c.pool,
-        )
+        c = config.finetune  # a probe's data, val, pool and augmentation are fine-tuning's settings
+        classifier_args = classifier_args_of(config)
         augmentation = dict(min_scale=c.min_scale, flip=c.flip, interpolation=c.interpolation)
         return cls(classifier_args, protocol=config.linprobe.protocol, augmentation=augmentation)
 
