@@ -55,6 +55,11 @@ def slurm_conf(nodes, state):
     cpus, memory_mb = os.cpu_count(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     per_node_mb = max(1024, memory_mb // (2 * nodes))  # leave half the memory to the machine itself
     last = 17000 + nodes
+    # one line in slurm.conf (a node definition cannot continue on the next)
+    nodes_line = (
+        f"NodeName=n[1-{nodes}] NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port=[17001-{last}] "
+        f"CPUs={cpus} RealMemory={per_node_mb} State=UNKNOWN"
+    )
     return f"""# Written by slurm/local_cluster.py: {nodes} fake nodes on this host.
 ClusterName=layergraft
 SlurmctldHost={socket.gethostname()}(127.0.0.1)
@@ -79,8 +84,7 @@ SlurmctldPidFile={state}/slurmctld.pid
 SlurmdPidFile={state}/slurmd-%n.pid
 SlurmctldLogFile={state}/slurmctld.log
 SlurmdLogFile={state}/slurmd-%n.log
-NodeName=n[1-{nodes}] NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port=[17001-{last}]
-CPUs={cpus} RealMemory={per_node_mb} State=UNKNOWN
+{nodes_line}
 PartitionName=debug Nodes=n[1-{nodes}] Default=YES MaxTime=INFINITE State=UP
 """
 
