@@ -99,6 +99,7 @@ def test_hooks_read_timm_blocks_without_changing_the_output():
     assert not math.isnan(float(attention_distance(maps[0], GRID, PATCH).mean()))
 
 
+@pytest.mark.slow
 def test_lg_analyze_compares_encoders_layer_by_layer(demo_shards, tmp_path):
     from tests.test_eval import exported_encoder
 

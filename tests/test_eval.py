@@ -66,6 +66,7 @@ def exported_encoder(path):
     return path
 
 
+@pytest.mark.slow
 def test_lg_eval_knn_and_few_shot_linear_on_real_shards(demo_shards, tmp_path):
     encoder = exported_encoder(tmp_path / "encoder.pth")
     shards = ["--train", demo_shards / "train.json", "--val", demo_shards / "val.json"]
@@ -82,6 +83,7 @@ def test_lg_eval_knn_and_few_shot_linear_on_real_shards(demo_shards, tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_lg_eval_errors_name_the_problem(demo_shards, tmp_path):
     release = tmp_path / "mae_pretrain_vit_base.pth"
     torch.save({"model": create_encoder("vit_tiny", 32, 8).state_dict()}, release)
@@ -178,6 +180,7 @@ def test_finetune_augmentation_follows_the_config():
         load_config(None, ["finetune.pool=max"])
 
 
+@pytest.mark.dist
 def test_lg_eval_finetune_under_zero3_on_two_processes(demo_shards, tmp_path, zero3_config):
     """Real DeepSpeed ZeRO-3 (every parameter partitioned), 2 processes: a few steps from an exported
     encoder, then the val split measured by both ranks, a classifier file, JSON and TensorBoard, all in

@@ -61,6 +61,7 @@ def foreign(demo_images, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_lg_index_reads_counts_hashes_and_names_the_classes(foreign, tmp_path):
     folder, splits = foreign
     samples, paths = splits["train"]
@@ -103,6 +104,7 @@ def test_lg_index_reads_counts_hashes_and_names_the_classes(foreign, tmp_path):
     assert "no_image: no jpg/jpeg/png/webp member" in verify.stdout
 
 
+@pytest.mark.slow
 def test_lg_index_class_names_file_and_errors(foreign, tmp_path):
     folder, splits = foreign
     pattern = f"{folder}/imagenet1k-val-{{0000..{len(splits['val'][1]) - 1:04d}}}.tar"

@@ -65,6 +65,7 @@ def run_installed(root, target, code):
     )
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_every_config_and_ds_config(installed):
     _, target = installed
     for folder in ("configs", "ds_configs"):
@@ -72,6 +73,7 @@ def test_the_wheel_carries_every_config_and_ds_config(installed):
         assert shipped == sorted(p.name for p in (REPO / folder).iterdir())
 
 
+@pytest.mark.slow
 def test_an_installed_copy_reads_the_shipped_configs_without_a_checkout(installed):
     root, target = installed
     code = (

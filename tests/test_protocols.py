@@ -275,6 +275,7 @@ def lg_eval(protocol, encoder, shards, run_dir, *overrides, linear=None, config=
     )
 
 
+@pytest.mark.dist
 def test_mae_linear_probe_on_two_processes_keeps_the_encoder_bit_identical(demo_shards, tmp_path):
     """The real engine, 2 processes: a few LARS steps with val measured every 2 steps; the frozen weights
     in the checkpoint equal the encoder file's bit for bit, only the head and its BatchNorm statistics
@@ -326,6 +327,7 @@ def test_mae_linear_probe_on_two_processes_keeps_the_encoder_bit_identical(demo_
         model.load_state_dict(torch.load(tmp_path / "lp" / name, weights_only=True), strict=True)
 
 
+@pytest.mark.slow
 def test_mocov3_linear_probe_resumes_exactly(demo_shards, tmp_path):
     """SGD with momentum, 2 processes: 6 steps straight == 3 steps, stop, resume to 6 (weights, momentum
     buffers and the val history)."""
@@ -358,6 +360,7 @@ def test_mocov3_linear_probe_resumes_exactly(demo_shards, tmp_path):
     assert histories[0] == histories[1] and [r["step"] for r in histories[0]] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_finetune_with_maes_whole_recipe_resumes_exactly_with_its_ema(demo_shards, tmp_path):
     """RandAugment, RandomErasing, Mixup / CutMix and the EMA on, 2 processes: 4 steps straight == 2,
     stop, resume to 4 — the mixing draws from NumPy and Python, seeded per step — and the EMA is
@@ -431,6 +434,7 @@ def _measure_with_rank_statistics(rank, init_file, val, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_every_rank_measures_rank_0s_batchnorm_statistics(demo_shards, tmp_path):
     """A probe's BatchNorm statistics are each rank's own; the periodic measurement uses rank 0's (the
     checkpoint's) on every rank, so it equals rank 0's model measured alone."""

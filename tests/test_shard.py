@@ -55,6 +55,7 @@ def test_round_trip_keeps_bytes_labels_and_every_image_once(demo_images, demo_sh
         assert len(classes) >= 5, "shards must mix classes (the file list is shuffled before sharding)"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_shards_with_any_worker_count(demo_images, tmp_path):
     hashes = {}
     for name, seed, workers in (("a", 0, 1), ("b", 0, 2), ("c", 1, 2)):
@@ -244,6 +245,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case):
     assert last_line.startswith("lg-shard: error: ") and expected in last_line, result.stderr
 
 
+@pytest.mark.slow
 def test_foreign_shards_in_out_are_refused(demo_images, tmp_path):
     common = ["--split", "val", "--layout", "imagefolder", "--max-per-shard", 100]
     assert shard(demo_images, tmp_path / "out", *common).returncode == 0
@@ -295,6 +297,7 @@ def start_and_interrupt(src, out, sig):
     return process
 
 
+@pytest.mark.slow
 def test_interrupted_sharding_resumes_with_every_image_exactly_once(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     many_images(src)
@@ -375,6 +378,7 @@ def test_a_subset_list_shards_exactly_the_listed_files_and_a_missing_name_is_nam
     )
 
 
+@pytest.mark.slow
 def test_a_subset_fraction_keeps_that_share_of_every_class_by_seed(demo_images, tmp_path):
     counts = {}
     for seed in (0, 0, 1):
@@ -405,6 +409,7 @@ def test_a_subset_fraction_keeps_that_share_of_every_class_by_seed(demo_images, 
     assert first == again and first != other
 
 
+@pytest.mark.slow
 def test_max_side_resizes_the_large_images_only_and_lg_verify_holds_it(tmp_path):
     """--max-side N: an image whose longer side exceeds N is re-encoded at that size (aspect kept, the
     given JPEG quality), a smaller one keeps its bytes, a CMYK one too large comes out RGB; the manifest

@@ -239,6 +239,7 @@ def test_dry_run_for_8_nodes_of_8_gpus():
     assert "pretrain.train.run(load_config(" in result.stdout
 
 
+@pytest.mark.slow
 def test_config_errors_and_missing_slurm_stop_before_submitting(tmp_path):
     bad = run_cli("slurm.submit", "--config", REPO / "configs" / "demo.yaml", "optim.base_lr=-1", "--dry-run")
     assert bad.returncode == 2 and "optim.base_lr" in bad.stderr
