@@ -1,5 +1,4 @@
-"""lg-analyze: per-layer measurements of frozen ViTs (seeds 000, 001, 002: what CL and MIM learn, layer by
-layer).
+"""lg-analyze: per-layer measurements of frozen ViTs (seeds 000-002: what CL and MIM learn, layer by layer).
 
     lg-analyze ENCODER [ENCODER ...] --val VAL.json [--names MAE MoCo MIM-CL] [--train TRAIN.json]
                [--images 64] [--out DIR] [--tb DIR]

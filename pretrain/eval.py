@@ -4,9 +4,9 @@ frozen features, and full fine-tuning.
     lg-eval knn      ENCODER --train TRAIN.json --val VAL.json [--pool token|mean] [--layer i]
     lg-eval linear   ENCODER --train TRAIN.json --val VAL.json [--fraction 0.01] [--epochs 300]
     lg-eval linear   ENCODER --train TRAIN.json --val VAL.json --protocol mae|mocov3 [--config C]
-    [key=value ...]
+                     [key=value ...]
     lg-eval finetune ENCODER --train TRAIN.json --val VAL.json [--config configs/finetune_vit_b.yaml]
-    [key=value ...]
+                     [key=value ...]
 
 ENCODER: a run directory, an lg-export .pth (its .json beside it says the architecture), or a release
 file (`{'model': ...}`, MoCo-style prefixes; give --arch, --img-size, --patch-size). Prints and writes a

@@ -5,9 +5,8 @@
 Runs alike as one process (`python -m pretrain.train`), under `torchrun` / `deepspeed` launchers and in
 Slurm tasks. With `method: finetune` or `linprobe` and finetune.val set, the last checkpoint is then
 measured on that split (pretrain.evaluation.supervised.supervised_result). Re-running the same command
-resumes from RUN_DIR/ckpt/latest.
-Exit codes: 0 done, 2 bad config or input, 3 the loss diverged, 128 + N stopped by signal N after
-saving a checkpoint.
+resumes from RUN_DIR/ckpt/latest. Exit codes: 0 done, 2 bad config or input, 3 the loss diverged,
+128 + N stopped by signal N after saving a checkpoint.
 """
 
 import argparse
