@@ -319,9 +319,8 @@ def resized(args):
     sets["scaled decoding"] = sets[0]
     readers = {key: EncodedImage if key == "scaled decoding" else decode_image for key in sets}
     rates = {key: {name: [] for name in PER_CORE} for key in sets}
-    per_core_rate(
-        list(sets[0][0].values())[:50], "byol", args.img_size
-    )  # warm-up: the first must not pay for it
+    # Warm-up: the first must not pay for it.
+    per_core_rate(list(sets[0][0].values())[:50], "byol", args.img_size)
     for _ in range(args.repeats):  # interleaved
         for key, (images, _) in sets.items():
             for name, (view_name, colour_ops) in PER_CORE.items():

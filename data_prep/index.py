@@ -46,9 +46,8 @@ class ShardIndex:
     labels: Counter = field(default_factory=Counter)
     names: dict = field(default_factory=dict)  # label -> class name, where the json tells
     odd: list = field(default_factory=list)  # [(key, reason)]
-    other_members: Counter = field(
-        default_factory=Counter
-    )  # extension -> count, members the loader never reads
+    # Extension -> count, members the loader never reads.
+    other_members: Counter = field(default_factory=Counter)
     error: str = ""
 
 

@@ -31,9 +31,8 @@ def test_knn_follows_the_nearest_neighbours_not_the_majority():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.05, 1.0]])
     labels = torch.tensor([0, 0, 1, 1, 1])
     queries = torch.tensor([[1.0, 0.05], [0.0, 1.0]])
-    assert (
-        knn_accuracy(train, labels, queries, torch.tensor([0, 1]), k=5) == 1.0
-    )  # weighted votes: 2 near beat 3 far
+    # Weighted votes: 2 near beat 3 far.
+    assert knn_accuracy(train, labels, queries, torch.tensor([0, 1]), k=5) == 1.0
 
 
 def test_linear_probe_separates_linearly_separable_features_and_not_noise():

@@ -108,9 +108,8 @@ def test_grafted_weights_start_from_mae_and_lower_layers_move_less(graft_run, ma
         moved(tuple(f"blocks.{i}." for i in range(8, 12))),
     )
     assert 0 < lower < upper / 3, (lower, upper)
-    assert torch.equal(
-        start["patch_embed.proj.weight"], end["patch_embed.proj.weight"]
-    )  # MAE's, frozen (MoCo v3)
+    # MAE's, frozen (MoCo v3)
+    assert torch.equal(start["patch_embed.proj.weight"], end["patch_embed.proj.weight"])
 
 
 def test_freeze_keeps_the_lower_layers_exactly(graft_run, mae_run):
@@ -136,9 +135,8 @@ def test_auto_rule_probes_the_gradient_cosine_and_splits_where_it_turns(graft_ru
     assert load_config(probe / "config.yaml").method == "hybrid"
     assert len(scalar_values(probe, "grad_cosine/block_00")) == 4
     cosines, steps, errors = read_cosines(probe)
-    assert (
-        len(cosines) == 12 and steps == [2, 3] and all(-1 <= c <= 1 for c in cosines)
-    )  # measured at 0, 1, 2, 3
+    # Measured at 0, 1, 2, 3.
+    assert len(cosines) == 12 and steps == [2, 3] and all(-1 <= c <= 1 for c in cosines)
     chosen = json.loads((run_dir / "graft_auto.json").read_text())
     expected = choose_split(cosines, 0.0, errors, config.graft.auto_confidence)
     assert chosen["split"] == config.graft.split and chosen["cosines"] == cosines

@@ -56,11 +56,12 @@ def mae_release_file(path, arch_overrides=(), drop=None):
     config = load_config(None, ["method=mae", *TINY, *arch_overrides])
     torch.manual_seed(7)
     mae = grafted_objective(config)
+    # Decoder_embed, decoder_blocks, ... as in models_mae.py.
     release_name = lambda name: (
         name.replace("encoder.", "", 1)
         .replace("decoder.mask_token", "mask_token")
         .replace("decoder.", "decoder_")
-    )  # decoder_embed, decoder_blocks, ... as in models_mae.py
+    )
     state = {release_name(name): tensor for name, tensor in mae.state_dict().items()}
     if drop:
         del state[drop]

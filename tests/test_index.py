@@ -98,9 +98,8 @@ def test_lg_index_reads_counts_hashes_and_names_the_classes(foreign, tmp_path):
         and loader.lost_samples == 0
     )
     verify = run_cli("data_prep.verify", tmp_path, "--split", "train", "--workers", 2)
-    assert verify.returncode == 1 and verify.stdout.count("\n") == 2, (
-        verify.stdout
-    )  # only the sample without image
+    # Only the sample without image.
+    assert verify.returncode == 1 and verify.stdout.count("\n") == 2, verify.stdout
     assert "no_image: no jpg/jpeg/png/webp member" in verify.stdout
 
 

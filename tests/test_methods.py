@@ -171,9 +171,8 @@ def test_all_gather_with_grad_gives_each_rank_the_gradient_of_every_ranks_loss()
         port = probe.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_gather_worker, args=(port, results), nprocs=2)
-    total = torch.arange(12, dtype=torch.float32).view(6, 2) * (
-        1 + 2
-    )  # d/dx of the sum of both ranks' losses
+    # D/dx of the sum of both ranks' losses.
+    total = torch.arange(12, dtype=torch.float32).view(6, 2) * (1 + 2)
     assert torch.equal(results[0], total[:3]) and torch.equal(results[1], total[3:])
 
 

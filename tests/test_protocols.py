@@ -419,9 +419,8 @@ def _measure_with_rank_statistics(rank, init_file, val, results):
     with torch.no_grad():  # each rank's own statistics, as per-rank batches leave them
         norm.running_mean.copy_(torch.randn(192, generator=torch.Generator().manual_seed(rank)))
         norm.running_var.fill_(0.01 + rank)
-        probe.encoder.head[1].weight.normal_(
-            generator=torch.Generator().manual_seed(0)
-        )  # the same, informative
+        # The same, informative.
+        probe.encoder.head[1].weight.normal_(generator=torch.Generator().manual_seed(0))
     measured = ValMonitor(config, probe, torch.device("cpu")).measure(1, 0.0)["top1"]
     from pretrain.evaluation.validation import top1_counts
 

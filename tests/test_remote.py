@@ -107,9 +107,8 @@ def test_shards_from_urls_give_the_batches_of_the_files(demo_shards, served, tmp
     epoch = make_loader(
         remote, 32, view="eval", img_size=32, mode="epoch", num_workers=2, rank=0, world_size=1
     )
-    assert (
-        sum(len(b["labels"]) for b in epoch.epoch(0)) == Manifest.load(remote).num_samples
-    )  # every image once
+    # Every image once.
+    assert sum(len(b["labels"]) for b in epoch.epoch(0)) == Manifest.load(remote).num_samples
 
 
 def test_a_streamed_shard_hashes_to_the_files_digest(demo_shards, served):

@@ -455,8 +455,7 @@ def test_max_side_resizes_the_large_images_only_and_lg_verify_holds_it(tmp_path)
     verified = run_cli("data_prep.verify", out, "--split", "train")
     assert verified.returncode == 1 and "longer than the manifest's max_side 256" in verified.stdout
     again = shard(src, out, "--split", "train", "--layout", "imagefolder", "--max-side", 384)
-    assert (
-        again.returncode == 2 and "different lg-shard command" in again.stderr
-    )  # never mixed with other sizes
+    # Never mixed with other sizes.
+    assert again.returncode == 2 and "different lg-shard command" in again.stderr
     bad = shard(src, tmp_path / "bad", "--split", "train", "--layout", "imagefolder", "--max-side", 8)
     assert bad.returncode == 2 and "--max-side 8" in bad.stderr

@@ -286,11 +286,12 @@ def test_sigterm_checkpoints_and_stops_then_the_same_command_resumes(manifest, t
         text=True,
     )
     deadline = time.monotonic() + 300
+    # Four checkpoints, so that keep_last has pruned one.
     while (
         int((latest_tag(run_dir / "ckpt") or "step0")[4:]) < 8
         and process.poll() is None
         and time.monotonic() < deadline
-    ):  # four checkpoints, so that keep_last has pruned one
+    ):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pretrain.core.distributed import is_distributed, rank, world_size
+from pretrain.core.distributed import is_distributed, rank, rank0_value, world_size
 from pretrain.core.errors import UserError
 from pretrain.core.files import sha256_of_file, write_atomic
 
@@ -27,19 +27,20 @@ LATEST = "latest"
 RUN_STATE = "run_state.json"
 CHECKSUMS = "checksums.json"
 RESUMED_FROM = "resumed_from"  # the run.resume_tag already honoured
+PathLike = str | os.PathLike
 TAG = re.compile(r"step\d{9}$")
 
 
-def tag_of(step):
+def tag_of(step: int) -> str:
     return f"step{step:09d}"
 
 
-def latest_tag(ckpt_dir):
+def latest_tag(ckpt_dir: PathLike) -> str | None:
     path = Path(ckpt_dir) / LATEST
     return path.read_text().strip() if path.is_file() else None
 
 
-def tags(ckpt_dir):
+def tags(ckpt_dir: PathLike) -> list[str]:
     """The step tags in `ckpt_dir`, oldest first."""
     ckpt_dir = Path(ckpt_dir)
     return (
@@ -49,7 +50,7 @@ def tags(ckpt_dir):
     )
 
 
-def tag_files(tag_dir):
+def tag_files(tag_dir: PathLike) -> list[str]:
     """Every file of a tag except its checksums, as sorted paths relative to the tag."""
     tag_dir = Path(tag_dir)
     return sorted(
@@ -71,7 +72,7 @@ def _merge(part, collective):
     return {key: value for p in parts for key, value in p.items()}
 
 
-def checksums(tag_dir, collective=False):
+def checksums(tag_dir: PathLike, collective: bool = False) -> dict:
     """{file: {"bytes", "sha256"}} of every file of a tag; with `collective`, each rank hashes its share."""
     tag_dir = Path(tag_dir)
     mine = {
@@ -81,7 +82,7 @@ def checksums(tag_dir, collective=False):
     return dict(sorted(_merge(mine, collective).items()))
 
 
-def problem_with(tag_dir, collective=False):
+def problem_with(tag_dir: PathLike, collective: bool = False) -> str | None:
     """Why the tag cannot be used (one line), or None if it is intact. A tag without checksums (written
     before they were recorded) counts as intact, with a warning."""
     tag_dir = Path(tag_dir)
@@ -117,7 +118,7 @@ def problem_with(tag_dir, collective=False):
     return problems[min(problems)] if problems else None
 
 
-def tag_bytes(tag_dir):
+def tag_bytes(tag_dir: PathLike) -> int:
     return sum((Path(tag_dir) / name).stat().st_size for name in tag_files(tag_dir))
 
 
@@ -132,15 +133,7 @@ def _space_problem(ckpt_dir, needed):
     return None
 
 
-def _agree(problem):
-    """Rank 0's `problem` (a string or None) on every rank (a collective when distributed)."""
-    problems = [problem]
-    if is_distributed():
-        dist.broadcast_object_list(problems, src=0)
-    return problems[0]
-
-
-def save(engine, ckpt_dir, step, client_state, run_state, keep_last):
+def save(engine, ckpt_dir: PathLike, step: int, client_state: dict, run_state: dict, keep_last: int) -> str:
     """Save tag `step` with its run state and checksums, then point `latest` at it (atomically, after a
     barrier), then prune old tags. Every rank calls it.
 
@@ -155,7 +148,7 @@ def save(engine, ckpt_dir, step, client_state, run_state, keep_last):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if previous and (ckpt_dir / previous).is_dir():
             problem = _space_problem(ckpt_dir, tag_bytes(ckpt_dir / previous))
-    problem = _agree(problem)
+    problem = rank0_value(problem)
     if problem:
         raise UserError(problem)
     try:
@@ -182,7 +175,7 @@ def save(engine, ckpt_dir, step, client_state, run_state, keep_last):
     return tag
 
 
-def resume_tag(ckpt_dir, wanted=""):
+def resume_tag(ckpt_dir: PathLike, wanted: str = "") -> tuple[str | None, bool]:
     """(tag, rewound): the tag a run resumes from, and whether it goes back to `wanted` this time.
 
     The tag is `latest`, or once `wanted` (run.resume_tag: the tags after it are
@@ -250,7 +243,7 @@ def resume_tag(ckpt_dir, wanted=""):
     )
 
 
-def aside_name(ckpt_dir, tag, suffix):
+def aside_name(ckpt_dir: PathLike, tag: str, suffix: str) -> Path:
     """A free path TAG.suffix (TAG.suffix.2, ... when an earlier one is there) to keep a tag aside under."""
     path, count = Path(ckpt_dir) / f"{tag}.{suffix}", 1
     while path.exists():
@@ -259,7 +252,7 @@ def aside_name(ckpt_dir, tag, suffix):
     return path
 
 
-def set_aside(ckpt_dir, tag, suffix):
+def set_aside(ckpt_dir: PathLike, tag: str, suffix: str) -> str | None:
     """Rename `tag` to TAG.suffix (kept for a look, never resumed from) and point `latest` at the newest
     tag left, or remove it when none is; the tag `latest` names now (None). Rank 0 does it."""
     ckpt_dir = Path(ckpt_dir)
@@ -274,7 +267,7 @@ def set_aside(ckpt_dir, tag, suffix):
     return left[-1] if left else None
 
 
-def run_state(ckpt_dir, tag=None):
+def run_state(ckpt_dir: PathLike, tag: str | None = None) -> dict | None:
     """The run_state.json of `tag` (default: the `latest` one), or None if the run has no checkpoint yet."""
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
@@ -286,7 +279,7 @@ def run_state(ckpt_dir, tag=None):
         raise UserError(f"{path} cannot be read ({error})") from None
 
 
-def load(engine, ckpt_dir, tag):
+def load(engine, ckpt_dir: PathLike, tag: str) -> dict:
     """Load `tag` into the engine (module, optimizer, scheduler); return its client state."""
     _, client_state = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

@@ -9,16 +9,25 @@ import torch
 import torch.distributed as dist
 
 
-def is_distributed():
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank():
+def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def world_size():
+def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def rank0_value(value):
+    """Rank 0's `value` (any picklable object) on every rank: how a problem only rank 0 can see (a lock
+    held, a full disk) stops every rank alike. A collective when distributed."""
+    values = [value]
+    if is_distributed():
+        dist.broadcast_object_list(values, src=0)
+    return values[0]
 
 
 def set_collective_timeout(seconds):

@@ -46,10 +46,11 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.T
         # deepspeed is imported here, not at the top: lg-eval and lg-export on stage-0 runs never need it
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # DeepSpeed's consolidation prints progress chatter on both streams.
         with (
             contextlib.redirect_stdout(io.StringIO()),
             contextlib.redirect_stderr(io.StringIO()),
-        ):  # progress chatter
+        ):
             state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     return state
 

@@ -47,6 +47,7 @@ import random
 import signal
 import tarfile
 import time
+from collections.abc import Iterator
 from functools import partial
 from itertools import islice
 
@@ -286,24 +287,24 @@ class ShardLoader:
 
     def __init__(
         self,
-        manifest,
-        batch_size,
-        view="eval",
-        img_size=224,
-        mode="epoch",
-        num_workers=2,
-        seed=0,
-        rank=None,
-        world_size=None,
-        shuffle_buffer=1000,
-        steps_per_epoch=None,
-        pin_memory=False,
-        max_bad_shards=16,
-        verify_shards=True,
-        url_retries=3,
-        url_backoff=1.0,
-        scaled_decoding=False,
-        colour_ops="pil",
+        manifest: "str | os.PathLike | Manifest",
+        batch_size: int,
+        view: str = "eval",
+        img_size: int = 224,
+        mode: str = "epoch",
+        num_workers: int = 2,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle_buffer: int = 1000,
+        steps_per_epoch: int | None = None,
+        pin_memory: bool = False,
+        max_bad_shards: int = 16,
+        verify_shards: bool = True,
+        url_retries: int = 3,
+        url_backoff: float = 1.0,
+        scaled_decoding: bool = False,
+        colour_ops: str = "pil",
     ):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.listed = dict(zip(self.manifest.urls, self.manifest.shards))
@@ -320,12 +321,8 @@ class ShardLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.batch_size, self.mode, self.num_workers, self.seed = batch_size, mode, num_workers, seed
-        self.rank, self.world_size, self.shuffle_buffer, self.pin_memory = (
-            rank,
-            world_size,
-            shuffle_buffer,
-            pin_memory,
-        )
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
         self.view = make_view(view, img_size, colour_ops)
         self.scaled_decoding = scaled_decoding and takes_encoded(self.view)
         self.readers_per_rank = max(1, num_workers)
@@ -347,14 +344,14 @@ class ShardLoader:
                 "--max-per-shard (or use resampled mode)"
             )
 
-    def worker_shards(self, epoch):
+    def worker_shards(self, epoch: int) -> list[list[str]]:
         """Epoch mode: the shard urls each worker of this rank reads in `epoch`."""
         urls = list(self.manifest.urls)
         random.Random(mix_seed(self.seed, epoch)).shuffle(urls)
         mine = urls[self.rank :: self.world_size]
         return [mine[w :: self.readers_per_rank] for w in range(self.readers_per_rank)]
 
-    def worker_batches(self, epoch):
+    def worker_batches(self, epoch: int) -> list[int]:
         """How many batches each worker of this rank yields in `epoch`."""
         if self.mode == "resampled":
             workers = self.readers_per_rank
@@ -364,11 +361,11 @@ class ShardLoader:
             for urls in self.worker_shards(epoch)
         ]
 
-    def num_batches(self, epoch=0):
+    def num_batches(self, epoch: int = 0) -> int:
         """Batches this rank yields in `epoch` (from step 0)."""
         return sum(self.worker_batches(epoch))
 
-    def make_batch(self, raw_batch, seed_base):
+    def make_batch(self, raw_batch: list[dict], seed_base: tuple) -> dict:
         """Decode and augment a list of raw samples; replace the ones that fail (see module doc)."""
         # With scaled decoding the view decodes (at the scale its crop needs), so a sample may fail there too.
         read = EncodedImage if self.scaled_decoding else decode_image
@@ -389,9 +386,8 @@ class ShardLoader:
                 f"no sample of a batch decodes (shards {', '.join(map(str, urls))}); run lg-verify"
             )
         for position in range(len(raw_batch)):
-            if (
-                views[position] is None
-            ):  # another view of the next good sample, drawn with this position's seed
+            # A sample that failed gets another view of the next good one, drawn with its own position's seed.
+            if views[position] is None:
                 image, labels[position] = decoded[next((i for i in good if i > position), good[0])]
                 views[position] = self.view_of(image, seed_base, position)
         if isinstance(views[0], torch.Tensor):
@@ -411,7 +407,7 @@ class ShardLoader:
         torch.default_generator.manual_seed(mix_seed(*seed_base, position))
         return self.view(image)
 
-    def epoch(self, epoch, start_step=0):
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         """Iterate the batches of `epoch` from `start_step` on."""
         stream = ShardStream(self, epoch, start_step)
         if self.num_workers == 0:
@@ -441,6 +437,6 @@ class ShardLoader:
                 shutdown()
 
 
-def make_loader(manifest: str | os.PathLike, batch_size: int, **options) -> "ShardLoader":
+def make_loader(manifest: "str | os.PathLike | Manifest", batch_size: int, **options) -> ShardLoader:
     """A `ShardLoader` for a manifest (a path or a `Manifest`); see `ShardLoader` for the options."""
     return ShardLoader(manifest, batch_size, **options)

@@ -26,9 +26,8 @@ class Manifest:
     shards: list  # [ShardInfo]
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
     fingerprint: str = ""  # identifies the lg-shard invocation that wrote the shards
-    subset: dict = field(
-        default_factory=dict
-    )  # a label subset's file or fraction (data_prep.subsets); {}: all
+    # A label subset's file or fraction (data_prep.subsets); {}: all.
+    subset: dict = field(default_factory=dict)
     # lg-shard --max-side: {"max_side", "quality", "resized": images re-encoded}; {}: every image as it came
     resize: dict = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False, repr=False)

@@ -46,9 +46,8 @@ def supervised_result(config, step: int) -> dict:
         state = encoder_state(state)
         if method == "linprobe":
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(
-                    config.run.seed
-                )  # as the engine built it (weights graft.init does not give)
+                # The encoder as the engine built it (the weights graft.init does not give).
+                torch.manual_seed(config.run.seed)
                 start = grafted_objective(config).encoder.state_dict()
             frozen_unchanged = frozen_weights_unchanged(state, start)
         save_atomic(OBJECTIVES[method].classifier_state(state), weights)

@@ -14,9 +14,8 @@ class L1Pull(torch.nn.Module):
     def __init__(self, named_params, weight):
         super().__init__()
         self.weight, self.params = weight, [p for _, p in named_params]
-        object.__setattr__(
-            self, "start", [p.detach().clone().float() for p in self.params]
-        )  # not in state_dict
+        # Out of state_dict: every start (a resume too) takes them again before a checkpoint is loaded.
+        object.__setattr__(self, "start", [p.detach().clone().float() for p in self.params])
 
     def forward(self):
         if self.start[0].device != self.params[0].device:

@@ -73,10 +73,8 @@ def graft_rule(graft, depth):
             if layer <= depth
             else scales[-1]
         )
-    if graft.rule in (
-        "split",
-        "auto",
-    ):  # auto: split filled in from measurements (pretrain/graft/auto_split.py)
+    # "auto" is "split" with the split filled in from measurements (pretrain/graft/auto_split.py).
+    if graft.rule in ("split", "auto"):
         return lambda layer: graft.lower_scale if layer <= graft.split else graft.upper_scale
     if graft.rule == "ramp":
         ratio = math.log(graft.upper_scale / graft.lower_scale)

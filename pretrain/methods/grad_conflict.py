@@ -50,9 +50,8 @@ def block_gradient_cosines(loss_a, loss_b, blocks):
 
 
 def _numel(param):
-    return (
-        param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-    )  # ZeRO-3 empties partitioned params
+    # ZeRO-3 empties partitioned params.
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
 
 
 def plot_cosines(cosines, width=320, height=160, split=None):

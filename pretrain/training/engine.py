@@ -195,9 +195,8 @@ def check_resumable(saved, config, world, data=None, ds_config=None, steps_per_e
             f"an epoch is {steps_per_epoch} steps now and was {saved['steps_per_epoch']} in the "
             "checkpoint: the learning-rate schedule would change; resume with the same data and batch"
         )
-    current_ds = (
-        None if ds_config is None else json.loads(json.dumps(ds_config))
-    )  # as the checkpoint holds it
+    # The DeepSpeed config as the checkpoint holds it (through JSON).
+    current_ds = None if ds_config is None else json.loads(json.dumps(ds_config))
     if current_ds is not None and saved.get("ds_config") not in (None, current_ds):
         before_ds, now_ds = _flatten(saved["ds_config"]), _flatten(current_ds)
         keys = sorted(k for k in set(before_ds) | set(now_ds) if before_ds.get(k) != now_ds.get(k))
@@ -337,9 +336,8 @@ def _train_locked(config, stop, auto_curve):
     )
 
     ds_config = deepspeed_config(config, world)
-    tag, rewound = checkpoint.resume_tag(
-        ckpt_dir, config.run.resume_tag
-    )  # verified and checked before the engine
+    # The tag is verified and checked before the engine is built.
+    tag, rewound = checkpoint.resume_tag(ckpt_dir, config.run.resume_tag)
     if tag:
         check_resumable(
             checkpoint.run_state(ckpt_dir, tag),

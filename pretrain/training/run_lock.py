@@ -14,9 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-from pretrain.core.distributed import is_distributed, rank
+from pretrain.core.distributed import rank, rank0_value
 from pretrain.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,14 +70,13 @@ class RunLock:
 
 def lock_run_dir(run_dir):
     """Rank 0 locks RUN_DIR; when it cannot, every rank raises its UserError (a collective)."""
-    lock, problem = RunLock(run_dir), [""]
+    lock, problem = RunLock(run_dir), None
     if rank() == 0:
         try:
             lock.acquire()
         except UserError as error:
-            problem = [str(error)]
-    if is_distributed():
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise UserError(problem[0])
+            problem = str(error)
+    problem = rank0_value(problem)
+    if problem:
+        raise UserError(problem)
     return lock
