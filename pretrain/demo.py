@@ -148,7 +148,7 @@ def main(argv=None):
         "MIM->CL": args.workdir / "graft",
     }
     knn = [
-        "run.knn_every=10",
+        "run.knn_every=20",
         f"data.knn_train={shards / 'train.json'}",
         f"data.knn_val={shards / 'val.json'}",
     ]

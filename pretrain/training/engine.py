@@ -533,7 +533,7 @@ def _train_locked(config, stop, auto_curve):
                 )
                 monitor.report(step, scalars)
                 sums = {}
-            if knn and step % config.run.knn_every == 0:
+            if knn and (step % config.run.knn_every == 0 or step == total_steps):
                 measure_knn(step)
             if val and (step % val_every == 0 or step == total_steps):
                 record = val.measure(step, step / steps_per_epoch)
