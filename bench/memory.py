@@ -54,7 +54,8 @@ def worker(arch, stage):
     from pretrain.config import load_config
     from pretrain.graft.param_groups import objective_param_groups
     from pretrain.graft.start_weights import grafted_objective
-    from pretrain.training.engine import deepspeed_config, match_batchnorm_statistics
+    from pretrain.training.ds_config import deepspeed_config
+    from pretrain.training.engine import match_batchnorm_statistics
 
     deepspeed.init_distributed()
     precision = STAGES[stage]

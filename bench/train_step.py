@@ -116,7 +116,7 @@ def our_step_time(arch, images, steps, zero_config):
     from pretrain.config import load_config
     from pretrain.graft.param_groups import objective_param_groups
     from pretrain.graft.start_weights import grafted_objective
-    from pretrain.training.engine import deepspeed_config
+    from pretrain.training.ds_config import deepspeed_config
 
     config = load_config(
         None,

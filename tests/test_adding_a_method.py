@@ -52,7 +52,7 @@ import json, torch
 from pretrain.config import load_config, to_dict
 from pretrain.core.errors import UserError
 from pretrain.graft.start_weights import grafted_objective
-from pretrain.training.engine import check_resumable
+from pretrain.training.resume import check_resumable
 tiny = ["model.arch=vit_tiny", "model.patch_size=8", "data.img_size=32"]
 config = load_config(None, ["method=toy", "toy.scale=2", *tiny])
 objective = grafted_objective(config)

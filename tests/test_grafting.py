@@ -10,7 +10,7 @@ from pretrain.core.errors import UserError
 from pretrain.graft.auto_split import choose_split, decide_split, read_cosines, with_split
 from pretrain.graft.param_groups import graft_rule, objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
-from pretrain.training.engine import deepspeed_config
+from pretrain.training.ds_config import deepspeed_config
 from tests.test_train import TINY
 
 

@@ -2,6 +2,7 @@
 2-process trainings in test_train_dist.py)."""
 
 import pytest
+import timm
 import torch
 
 from pretrain.config import load_config
@@ -9,6 +10,7 @@ from pretrain.core.errors import UserError
 from pretrain.data.views import normalize
 from pretrain.evaluation.knn import knn_accuracy
 from pretrain.evaluation.knn_monitor import KNNMonitor, gather_rows, load_share
+from pretrain.evaluation.live_copy import LiveCopy
 from pretrain.models import create_encoder
 
 
@@ -83,3 +85,21 @@ def test_monitor_measures_a_copy_and_refuses_missing_manifests(demo_shards, tmp_
 def test_bad_monitor_settings_are_named_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, overrides)
+
+
+def test_a_live_copy_takes_the_copys_entries_in_float32_and_leaves_the_generator_alone():
+    torch.manual_seed(0)
+    classifier = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, global_pool="token"
+    ).to(torch.bfloat16)
+    state = torch.random.get_rng_state()
+    copy = LiveCopy(lambda: create_encoder("vit_tiny", 32, 8), torch.device("cpu"))
+    assert torch.equal(state, torch.random.get_rng_state())
+    module = copy.refresh(classifier)  # the classifier's head is not the copy's: left out
+    assert module is copy.module and not module.training and "head.weight" not in module.state_dict()
+    for name, value in module.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, classifier.state_dict()[name].float()), (
+            name
+        )
+    with pytest.raises(KeyError, match="cls_token"):
+        copy.refresh(torch.nn.Linear(2, 2))

@@ -227,7 +227,7 @@ def test_block_checkpointing_keeps_names_and_gradients():
 
 def test_resuming_accepts_keys_added_to_the_config_later():
     from pretrain.config import to_dict
-    from pretrain.training.engine import check_resumable
+    from pretrain.training.resume import check_resumable
 
     config = load_config(None, TINY)
     saved = to_dict(config)
@@ -250,7 +250,7 @@ def test_resuming_compares_the_shared_sections_and_the_methods_own(method, ignor
     """Another method's section may differ (a default changed since the checkpoint); the run's method's
     sections, the shared ones and the method itself may not."""
     from pretrain.config import to_dict
-    from pretrain.training.engine import check_resumable
+    from pretrain.training.resume import check_resumable
 
     config = load_config(None, [*TINY, f"method={method}"])
     saved = {"world_size": 2, "config": to_dict(load_config(None, [*TINY, f"method={method}", ignored]))}

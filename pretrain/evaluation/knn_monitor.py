@@ -7,10 +7,8 @@ Each rank embeds its share of each split: the shards r, r + world, ... of the ma
 per rank when a cap is set. The features are gathered and rank 0 votes (pretrain.evaluation.knn, k 20, T
 0.07).
 
-The encoder is measured as a copy: its weights (gathered first under ZeRO-3, where every rank holds a
-slice) are loaded into a plain timm encoder in eval mode that lives outside the engine. So neither
-ZeRO's hooks, nor drop path, nor the random generators of the training are touched, and a run with the
-monitor ends with the weights of a run without it.
+The encoder is measured as a LiveCopy (pretrain.evaluation.live_copy): a plain timm encoder in eval mode
+outside the engine, so a run with the monitor ends with the weights of a run without it.
 """
 
 import logging
@@ -19,13 +17,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from pretrain.core.distributed import gathered, is_distributed, rank, world_size
+from pretrain.core.distributed import is_distributed, rank, world_size
 from pretrain.core.errors import UserError
 from pretrain.data.loader import shard_samples
 from pretrain.data.manifest import Manifest
 from pretrain.data.shard_tar import image_bytes, label_of
 from pretrain.data.views import decode_image, eval_view, normalize
 from pretrain.evaluation.knn import knn_accuracy
+from pretrain.evaluation.live_copy import LiveCopy
 from pretrain.models import create_encoder, pool_tokens
 
 log = logging.getLogger("lg-pretrain")
@@ -85,9 +84,10 @@ class KNNMonitor:
                 Manifest.load(manifest).check_shards()
             except UserError as error:
                 raise UserError(f"config key {key}: {error}") from None
-        with torch.random.fork_rng(devices=[]):  # its initialization must not move the training's generator
-            self.copy = create_encoder(config.model.arch, data.img_size, config.model.patch).to(device).eval()
-        self.copy.requires_grad_(False)
+        self.live_copy = LiveCopy(
+            lambda: create_encoder(config.model.arch, data.img_size, config.model.patch), device
+        )
+        self.copy = self.live_copy.module
         self.splits = None
         self.bad_samples = 0
 
@@ -122,10 +122,7 @@ class KNNMonitor:
         """kNN top-1 in % on rank 0 (None elsewhere). Every rank must call it: it gathers."""
         if self.splits is None:
             self._load()
-        with gathered(self.online.parameters()):
-            online = dict(self.online.named_parameters())
-            for name, param in self.copy.named_parameters():
-                param.copy_(online[name].detach().float())
+        self.live_copy.refresh(self.online)
         features = {
             name: (gather_rows(self._embed(images)).cpu(), gather_rows(labels.to(self.device)).cpu())
             for name, (images, labels) in self.splits.items()

@@ -1,10 +1,8 @@
 """Top-1 of a classifier on a labelled split, every rank its share of the shards; and the periodic
 measurement during supervised training (finetune.eval_every), with the best and the last result.
 
-The live model is measured as a copy, as the kNN monitor measures its encoder: its weights (gathered
-under ZeRO-3) go into a float32 module of the same structure in eval mode outside the engine, so ZeRO's
-hooks, drop path and the training's random generators are untouched and a run with measurements ends
-with the weights of a run without them.
+The live model is measured as a LiveCopy (pretrain.evaluation.live_copy), as the kNN monitor measures
+its encoder, so a run with measurements ends with the weights of a run without them.
 """
 
 import logging
@@ -14,11 +12,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pretrain.core.distributed import gathered, is_distributed, rank, world_size
+from pretrain.core.distributed import is_distributed, rank, world_size
 from pretrain.core.files import save_atomic, write_json_atomic
 from pretrain.data.loader import make_loader
 from pretrain.data.manifest import Manifest
 from pretrain.data.views import normalize
+from pretrain.evaluation.live_copy import LiveCopy
 
 log = logging.getLogger("lg-pretrain")
 
@@ -78,8 +77,7 @@ class ValMonitor:
         Manifest.load(
             config.finetune.val
         ).check_shards()  # a wrong path fails now, not at the first measurement
-        with torch.random.fork_rng(devices=[]):
-            self.copy = objective.make_classifier().to(device).eval()
+        self.live_copy = LiveCopy(objective.make_classifier, device)
         self.history = []  # {"step", "epoch", "top1"[, "top1_ema"]}
 
     def state_dict(self):
@@ -94,15 +92,9 @@ class ValMonitor:
 
     def measure(self, step, epoch):
         """Measure, record and report; every rank must call it (it gathers). Returns the record."""
-        online = self.objective.encoder
-        with gathered(online.parameters()):
-            self.copy.load_state_dict({k: v.detach().float() for k, v in online.state_dict().items()})
-        if is_distributed():
-            # Buffers are each rank's own (a BatchNorm's statistics follow that rank's batches; nothing syncs
-            # them): every rank measures rank 0's, the ones its checkpoint holds, as DDP would broadcast them.
-            for buffer in self.copy.buffers():
-                dist.broadcast(buffer, 0)
-        models = [self.copy] + ([self.objective.ema.module] if getattr(self.objective, "ema", None) else [])
+        models = [self.live_copy.refresh(self.objective.encoder)] + (
+            [self.objective.ema.module] if getattr(self.objective, "ema", None) else []
+        )
         c = self.config
         *correct, seen = top1_counts(
             models,

@@ -3,10 +3,10 @@
 One optimizer step = `grad_accum` micro-batches per rank. Everything random in a step (masking, drop
 path, mixing) is seeded from (seed, rank, step), and the loader's batches are a function of (seed,
 epoch, rank, step), so a run resumed from a checkpoint continues exactly as it would have without the
-interruption. The optimizer is a client one (pretrain.training.optimizers: torch's AdamW by default;
-DeepSpeed's
-fused/CPU Adam differ by ~1e-6 after a resume) and the schedule a client LambdaLR, which keeps each
-group's lr_scale (DeepSpeed's WarmupLR sets every group to one learning rate).
+interruption (pretrain.training.resume refuses a resumption that would not). The optimizer is a client
+one (pretrain.training.optimizers: torch's AdamW by default; DeepSpeed's fused/CPU Adam differ by ~1e-6
+after a resume) and the schedule a client LambdaLR, which keeps each group's lr_scale (DeepSpeed's
+WarmupLR sets every group to one learning rate).
 """
 
 import json
@@ -19,14 +19,12 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from pretrain.config import SHARED_SECTIONS, Config, dump_config, to_dict
+from pretrain.config import dump_config, to_dict
 from pretrain.core import checkpoint
 from pretrain.core.distributed import rank, set_collective_timeout, world_size
-from pretrain.core.errors import TrainingDiverged, UserError
-from pretrain.core.shipped import resolve_shipped
+from pretrain.core.errors import TrainingDiverged
 from pretrain.data.loader import make_loader, mix_seed
 from pretrain.data.manifest import Manifest
 from pretrain.data.views import normalize
@@ -34,187 +32,20 @@ from pretrain.evaluation.knn_monitor import KNNMonitor
 from pretrain.evaluation.validation import ValMonitor
 from pretrain.graft.param_groups import format_param_groups, layer_span, objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
-from pretrain.methods import OBJECTIVES
 from pretrain.methods.grad_conflict import plot_cosines
 from pretrain.training.divergence import DivergenceWatch
+from pretrain.training.ds_config import deepspeed_config
 from pretrain.training.monitor import Monitor, memory_bytes
 from pretrain.training.optimizers import make_optimizer
+from pretrain.training.resume import check_resumable, data_fingerprint
 from pretrain.training.run_lock import lock_run_dir
 from pretrain.training.schedules import cosine_lr_factor
 
 log = logging.getLogger("lg-pretrain")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FP16 = {
-    "enabled": True,
-    "loss_scale": 0,
-    "initial_scale_power": 16,
-    "loss_scale_window": 1000,
-    "hysteresis": 2,
-    "min_loss_scale": 1,
-}
 # What the loader counts (pretrain.data.loader): samples replaced, samples lost with their shards, shards
 # skipped.
 DATA_COUNTS = ("bad_samples", "lost_samples", "skipped_shards")
-# Settings that may change between a run and its resumption (they change nothing the run computes, or are the
-# recovery tools); any other difference is refused. data.num_workers is not one: each worker draws its own
-# shards.
-RESUMABLE_CHANGES = (
-    "run.log_every",
-    "run.image_every",
-    "run.save_every",
-    "run.keep_last",
-    "run.max_steps",
-    "run.knn_every",
-    "run.knn_pool",
-    "data.knn_train",
-    "data.knn_val",
-    "data.knn_per_class",
-    "run.collective_timeout",
-    "run.resume_tag",
-    "run.skip_batches",
-    "run.lr_factor",
-    "run.loss_spike",
-    "run.grad_norm_spike",
-    "data.max_bad_shards",
-    "data.verify_shards",
-    "data.url_retries",
-    "finetune.allow_partial",
-    "finetune.eval_every",
-    "finetune.keep_best",
-)
-# Where things are, not what they hold: a run directory, data set or DeepSpeed file may move. What they
-# hold is compared instead: the data's shards (SHA-256 and sample counts), the effective DeepSpeed config.
-# graft.init's weights are read again on resume (the L1 pull's anchor), not compared.
-LOCATIONS = ("run.dir", "data.train", "deepspeed.config", "graft.init", "graft.auto_from")
-
-
-def data_fingerprint(manifest):
-    """What a run's data is, wherever it lies: each shard's SHA-256 and sample count, in order."""
-    return [[shard.sha256, shard.num_samples] for shard in manifest.shards]
-
-
-def deepspeed_config(config, world):
-    """The effective DeepSpeed config: the JSON file named by the run config, plus batch sizes,
-    precision and clipping from the run config (saved as RUN_DIR/ds_config.json)."""
-    path = resolve_shipped(config.deepspeed.config)
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config key deepspeed.config: {path} does not exist") from None
-    except ValueError as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from None
-    for owned in ("optimizer", "scheduler", "bf16", "fp16", "train_batch_size", "gradient_clipping"):
-        if owned in ds:
-            raise UserError(f"{path}: remove {owned!r}; the run config sets it (optim.*, deepspeed.*)")
-    d = config.deepspeed
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
-        raise UserError(
-            f"deepspeed.precision=fp16 is not supported by DeepSpeed's {get_accelerator().device_name()} "
-            "accelerator; use bf16 or fp32 here"
-        )
-    if config.graft.l1_weight > 0 and stage == 3:
-        raise UserError("graft.l1_weight needs whole parameters on every rank; use ZeRO stage <= 2 with it")
-    if d.precision == "bf16" and stage == 0:
-        raise UserError(
-            "bf16 with ZeRO stage 0 trains through DeepSpeed's fp16-style optimizer and drifts "
-            "from fp32; use ds_configs/zero1.json or higher for bf16"
-        )
-    if config.optim.optimizer == "lars" and stage > 0:
-        raise UserError(
-            f"optim.optimizer=lars needs whole parameters (its trust ratio is per parameter, and ZeRO "
-            f"stage {stage} flattens each group into one tensor per rank); use ds_configs/zero0.json"
-        )
-    if config.finetune.ema_decay and stage == 3 and config.method == "finetune":
-        raise UserError(
-            "finetune.ema_decay needs whole parameters on every rank; use ZeRO stage <= 2 with it"
-        )
-    if config.method == "linprobe" and d.precision != "fp32":
-        raise UserError(
-            f"method linprobe keeps the frozen encoder's weights as they are, which deepspeed.precision="
-            f"{d.precision} would round; use fp32 (on CUDA the encoder runs under bf16 autocast)"
-        )
-    if config.optim.optimizer != "adamw" and stage > 0:
-        ds["zero_allow_untested_optimizer"] = True  # SGD is elementwise: ZeRO's partitions change nothing
-    ds.update(
-        train_micro_batch_size_per_gpu=d.micro_batch_size,
-        gradient_accumulation_steps=d.grad_accum,
-        train_batch_size=d.micro_batch_size * d.grad_accum * world,
-        gradient_clipping=config.optim.clip_grad,
-        steps_per_print=10**12,
-        wall_clock_breakdown=False,
-    )
-    if d.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif d.precision == "fp16":
-        ds["fp16"] = dict(FP16)
-    return ds
-
-
-def check_resumable(saved, config, world, data=None, ds_config=None, steps_per_epoch=None):
-    """Refuse (UserError) a resumption that would not continue the run exactly; `saved` is the checkpoint's
-    run state, the rest is this run's (data_fingerprint, effective DeepSpeed config, steps per epoch)."""
-    if saved["world_size"] != world:
-        raise UserError(
-            f"the checkpoint was written by {saved['world_size']} processes and this run has {world}; "
-            "resume with the same world size (ZeRO partitions are per rank)"
-        )
-    # What the run computes with: the shared sections and its method's; another method's section (say,
-    # a default that changed since) is not this run's business.
-    compared = {"method", *SHARED_SECTIONS, *OBJECTIVES[config.method].config_sections}
-    current, before = (
-        {k: v for k, v in _flatten(tree).items() if k.split(".")[0] in compared}
-        for tree in (to_dict(config), saved["config"])
-    )
-    # A key the checkpoint does not know was added to the config later: it changes nothing at its default.
-    defaults = _flatten(to_dict(Config()))
-    before = {**{k: v for k, v in defaults.items() if k not in before and k in current}, **before}
-    # Checkpoints written before the data and the DeepSpeed config were recorded compare their locations.
-    ignored = RESUMABLE_CHANGES + tuple(
-        k
-        for k in LOCATIONS
-        if not (k == "data.train" and "data" not in saved)
-        and not (k == "deepspeed.config" and "ds_config" not in saved)
-    )
-    changed = [k for k in sorted(current) if current[k] != before.get(k, current[k]) and k not in ignored]
-    if changed:
-        details = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
-        raise UserError(
-            f"the config differs from the checkpoint's ({details}); the run would not continue as "
-            "it began. Undo the change, or use a new run.dir to start over"
-        )
-    if data is not None and saved.get("data") not in (None, data):
-        raise UserError(
-            f"data.train {config.data.train} holds other shards than the run was trained on "
-            f"({len(data)} shards of {sum(n for _, n in data)} samples; the checkpoint's: "
-            f"{len(saved['data'])} of {sum(n for _, n in saved['data'])}), so the run would not "
-            "continue as it began; give the run's own data (it may have moved), or a new run.dir"
-        )
-    if steps_per_epoch is not None and saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise UserError(
-            f"an epoch is {steps_per_epoch} steps now and was {saved['steps_per_epoch']} in the "
-            "checkpoint: the learning-rate schedule would change; resume with the same data and batch"
-        )
-    # The DeepSpeed config as the checkpoint holds it (through JSON).
-    current_ds = None if ds_config is None else json.loads(json.dumps(ds_config))
-    if current_ds is not None and saved.get("ds_config") not in (None, current_ds):
-        before_ds, now_ds = _flatten(saved["ds_config"]), _flatten(current_ds)
-        keys = sorted(k for k in set(before_ds) | set(now_ds) if before_ds.get(k) != now_ds.get(k))
-        details = ", ".join(f"{k}: {before_ds.get(k)!r} -> {now_ds.get(k)!r}" for k in keys[:6])
-        raise UserError(
-            f"the effective DeepSpeed config ({config.deepspeed.config} and deepspeed.*) differs from the "
-            f"checkpoint's ({details}); undo the change, or use a new run.dir"
-        )
-
-
-def _flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def seed_step(seed):
@@ -282,6 +113,47 @@ def _train(config, stop, auto_curve):
         lock.release()
 
 
+def grouped_optimizer(groups, lr, optim):
+    """The client optimizer over the parameter groups (pretrain.graft.param_groups). Each group is named by
+    the layers of its lr_scale, which is how TensorBoard logs one learning rate per scale (lr/layers_0-8)."""
+    layers_of_scale = {}
+    for g in groups:
+        layers_of_scale.setdefault(g["lr_scale"], set()).update(g["layer_ids"])
+    named = [
+        {
+            "params": g["params"],
+            "weight_decay": g["weight_decay"],
+            "lr_scale": g["lr_scale"],
+            "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]])),
+        }
+        for g in groups
+    ]
+    return make_optimizer(named, lr, optim)
+
+
+def training_loader(manifest, view, steps_per_epoch, config):
+    """The endless (resampled) loader of data.train: an epoch is steps_per_epoch optimizer steps of
+    grad_accum micro-batches each, so the batches of a step depend only on (seed, epoch, rank, step)."""
+    d, data = config.deepspeed, config.data
+    return make_loader(
+        manifest,
+        d.micro_batch_size,
+        view=view,
+        img_size=data.img_size,
+        mode="resampled",
+        num_workers=data.num_workers,
+        seed=config.run.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        steps_per_epoch=steps_per_epoch * d.grad_accum,
+        pin_memory=torch.cuda.is_available(),
+        max_bad_shards=data.max_bad_shards,
+        verify_shards=data.verify_shards,
+        url_retries=data.url_retries,
+        scaled_decoding=data.scaled_decoding,
+        colour_ops=data.colour_ops,
+    )
+
+
 def _train_locked(config, stop, auto_curve):
     world, is_main = world_size(), rank() == 0
     run_dir, ckpt_dir = Path(config.run.dir), Path(config.run.dir) / "ckpt"
@@ -291,42 +163,11 @@ def _train_locked(config, stop, auto_curve):
     d = config.deepspeed
     global_batch = d.micro_batch_size * d.grad_accum * world
     lr = config.optim.base_lr * global_batch / 256
-    layers_of_scale = {}  # TensorBoard logs one learning rate per lr_scale, named by its layers
-    for g in groups:
-        layers_of_scale.setdefault(g["lr_scale"], set()).update(g["layer_ids"])
-    optimizer = make_optimizer(
-        [
-            {
-                "params": g["params"],
-                "weight_decay": g["weight_decay"],
-                "lr_scale": g["lr_scale"],
-                "layers": layer_span(sorted(layers_of_scale[g["lr_scale"]])),
-            }
-            for g in groups
-        ],
-        lr,
-        config.optim,
-    )
+    optimizer = grouped_optimizer(groups, lr, config.optim)
 
     manifest = Manifest.load(config.data.train)
     steps_per_epoch = max(1, manifest.num_samples // global_batch)
-    loader = make_loader(
-        manifest,
-        d.micro_batch_size,
-        view=objective.view,
-        img_size=config.data.img_size,
-        mode="resampled",
-        num_workers=config.data.num_workers,
-        seed=config.run.seed,
-        shuffle_buffer=config.data.shuffle_buffer,
-        steps_per_epoch=steps_per_epoch * d.grad_accum,
-        pin_memory=torch.cuda.is_available(),
-        max_bad_shards=config.data.max_bad_shards,
-        verify_shards=config.data.verify_shards,
-        url_retries=config.data.url_retries,
-        scaled_decoding=config.data.scaled_decoding,
-        colour_ops=config.data.colour_ops,
-    )
+    loader = training_loader(manifest, objective.view, steps_per_epoch, config)
     total_steps = max(1, round(config.optim.epochs * steps_per_epoch))
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
     min_ratio = config.optim.min_lr / lr
