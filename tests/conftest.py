@@ -107,6 +107,29 @@ def demo_run(tmp_path_factory):
     return workdir, result
 
 
+# Every method's model at its smallest (a ViT-Tiny of 8-px patches on 32-px images, narrow heads), for the
+# tests that build objectives in this process.
+TINY = [
+    "model.arch=vit_tiny",
+    "model.patch_size=8",
+    "data.img_size=32",
+    "moco.mlp_dim=64",
+    "moco.out_dim=16",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+    "simclr.mlp_dim=64",
+    "byol.mlp_dim=64",
+    "simsiam.dim=64",
+    "simsiam.pred_dim=16",
+    "simmim.mask_patch_size=16",
+    "conmim.mask_patch_size=16",
+    "cmae.feature_decoder_dim=32",
+    "cmae.mlp_dim=64",
+    "finetune.num_classes=4",
+]
+
+
 # Multi-process training on the CPU: DeepSpeed's CPU accelerator, one thread per process, and compiled
 # ops cached inside the venv (a stale lock in a shared cache can hang torch).
 TRAIN_ENV = {

@@ -11,7 +11,7 @@ from pretrain.graft.auto_split import choose_split, decide_split, read_cosines, 
 from pretrain.graft.param_groups import graft_rule, objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
 from pretrain.training.ds_config import deepspeed_config
-from tests.test_train import TINY
+from tests.conftest import TINY
 
 
 def rule(name, depth=12, *overrides):

@@ -16,26 +16,8 @@ from pretrain.core.distributed import all_gather_with_grad
 from pretrain.methods import OBJECTIVES, build_objective
 from pretrain.methods.momentum import MomentumBranch
 from pretrain.models import block_mask, create_encoder, enable_block_checkpointing
+from tests.conftest import TINY
 
-TINY = [
-    "model.arch=vit_tiny",
-    "model.patch_size=8",
-    "data.img_size=32",
-    "moco.mlp_dim=64",
-    "moco.out_dim=16",
-    "mae.decoder_dim=32",
-    "mae.decoder_depth=1",
-    "mae.decoder_heads=2",
-    "simclr.mlp_dim=64",
-    "byol.mlp_dim=64",
-    "simsiam.dim=64",
-    "simsiam.pred_dim=16",
-    "simmim.mask_patch_size=16",
-    "conmim.mask_patch_size=16",
-    "cmae.feature_decoder_dim=32",
-    "cmae.mlp_dim=64",
-    "finetune.num_classes=4",
-]
 TWO_VIEWS = {"mocov3", "simclr", "byol", "simsiam", "cmae", "conmim"}
 
 

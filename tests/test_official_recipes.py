@@ -18,7 +18,7 @@ from pretrain.core.errors import UserError
 from pretrain.graft.param_groups import objective_param_groups
 from pretrain.graft.start_weights import grafted_objective
 from pretrain.models import create_encoder, sincos_2d_table
-from tests.test_methods import TINY
+from tests.conftest import TINY
 
 
 def build(method, *overrides):

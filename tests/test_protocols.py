@@ -24,7 +24,7 @@ from pretrain.training.optimizers import make_optimizer
 from tests.conftest import REPO, TRAIN_ENV, run_cli, tensorboard
 from tests.test_eval import exported_encoder
 
-TINY = ["finetune.num_classes=10", "model.arch=vit_tiny", "data.img_size=32", "model.patch_size=8"]
+TINY_CLASSIFIER = ["finetune.num_classes=10", "model.arch=vit_tiny", "data.img_size=32", "model.patch_size=8"]
 
 
 def maes_lars_step(params, state, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
@@ -50,7 +50,7 @@ def maes_lars_step(params, state, lr, weight_decay=0.0, momentum=0.9, trust_coef
 def test_lars_is_maes_lars_and_leaves_biases_unadapted():
     """timm's Lars through make_optimizer == MAE's LARS on the MAE probe's head (BatchNorm without affine,
     then Linear), step for step; the weight's group adapts, the bias's does not."""
-    config = load_config(REPO / "configs" / "linprobe_mae_vit_b.yaml", TINY)
+    config = load_config(REPO / "configs" / "linprobe_mae_vit_b.yaml", TINY_CLASSIFIER)
     probe = grafted_objective(config)
     groups = objective_param_groups(probe, config)
     assert [n for g in groups for n in g["names"]] == ["encoder.head.1.weight", "encoder.head.1.bias"]
@@ -140,7 +140,7 @@ def test_random_erasing_and_rand_augment_are_timms_and_seeded():
 
 @pytest.mark.parametrize("protocol", ["mae", "mocov3"])
 def test_linear_probe_trains_the_head_alone_and_its_folded_head_is_a_timm_classifier(protocol):
-    config = load_config(REPO / "configs" / f"linprobe_{protocol}_vit_b.yaml", TINY)
+    config = load_config(REPO / "configs" / f"linprobe_{protocol}_vit_b.yaml", TINY_CLASSIFIER)
     probe = grafted_objective(config)
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == (
         ["encoder.head.1.weight", "encoder.head.1.bias"]
@@ -407,7 +407,7 @@ def _measure_with_rank_statistics(rank, init_file, val, results):
     config = load_config(
         REPO / "configs" / "linprobe_mae_demo.yaml",
         [
-            *TINY,
+            *TINY_CLASSIFIER,
             f"finetune.val={val}",
             "deepspeed.micro_batch_size=32",
             "data.num_workers=0",

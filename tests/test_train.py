@@ -12,18 +12,7 @@ from pretrain.graft.param_groups import format_param_groups, layer_id, objective
 from pretrain.graft.start_weights import grafted_objective
 from pretrain.models import patchify, unpatchify
 from pretrain.training.schedules import cosine_lr_factor
-from tests.conftest import REPO, run_cli, write_file
-
-TINY = [
-    "model.arch=vit_tiny",
-    "model.patch_size=8",
-    "data.img_size=32",
-    "moco.mlp_dim=64",
-    "moco.out_dim=16",
-    "mae.decoder_dim=32",
-    "mae.decoder_depth=1",
-    "mae.decoder_heads=2",
-]
+from tests.conftest import REPO, TINY, run_cli, write_file
 
 
 def tiny(method, *extra):

@@ -18,7 +18,7 @@ from pretrain.data.views import (
     make_view,
     takes_encoded,
 )
-from tests.conftest import jpeg_bytes, psnr, smooth_jpeg
+from tests.conftest import TINY, jpeg_bytes, psnr, smooth_jpeg
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,6 @@ def recipe_pipelines(size):
 def test_default_views_are_the_papers_recipes_pixel_for_pixel(method):
     from pretrain.config import load_config
     from pretrain.graft.start_weights import grafted_objective
-    from tests.test_methods import TINY
 
     objective = grafted_objective(load_config(None, [f"method={method}", *TINY]))
     ours, expected = make_view(objective.view, 32), recipe_pipelines(32)[method]
@@ -167,7 +166,6 @@ def test_view_config_reaches_the_transforms():
 
     from pretrain.config import load_config
     from pretrain.graft.start_weights import grafted_objective
-    from tests.test_methods import TINY
 
     config = load_config(
         None,
