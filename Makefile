@@ -11,9 +11,11 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 demo: $(STAMP)
 	$(PY) -m pretrain.demo $(ARGS)
 
-# The whole suite, after the linter and the formatter check (CI runs exactly this).
+# The whole suite, after the linter and the formatter check (CI runs exactly this), on two pytest-xdist
+# workers, each test file whole on one of them (module fixtures train once); WORKERS=0 runs it serially.
+WORKERS ?= 2
 test: lint
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
 
 # The unit tests: no multi-process, Slurm or slow test.
 test-fast: lint
