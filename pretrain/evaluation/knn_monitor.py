@@ -87,9 +87,13 @@ class KNNMonitor:
         self.live_copy = LiveCopy(
             lambda: create_encoder(config.model.arch, data.img_size, config.model.patch), device
         )
-        self.copy = self.live_copy.module
         self.splits = None
         self.bad_samples = 0
+
+    @property
+    def copy(self):
+        """The encoder that is measured: the LiveCopy's module."""
+        return self.live_copy.module
 
     def _load(self):
         self.splits = {}
